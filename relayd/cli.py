@@ -1,0 +1,65 @@
+"""The ``relayd`` command: check a config, or run the daemon in the foreground.
+
+Exit statuses follow sysexits: 0 fine, 1 ``--check-config`` found problems,
+78 (EX_CONFIG) the daemon cannot start on its config, so systemd's
+``RestartPreventExitStatus=78`` stops a restart loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from relayd import __version__
+from relayd.config import DEFAULT_PATH, Config, ConfigError, check_files, load_config
+
+EX_CONFIG = 78
+
+
+def config_path(arg: str | None) -> Path:
+    """``--config`` beats ``$RELAYD_CONFIG`` beats /etc/relayd.toml (SPEC §1)."""
+    if arg:
+        return Path(arg)
+    env = os.environ.get("RELAYD_CONFIG")
+    return Path(env) if env else DEFAULT_PATH
+
+
+def load_checked(path: Path) -> tuple[Config | None, list[str], list[str]]:
+    """The config and its (errors, warnings); config is None when it did not parse."""
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        return None, exc.problems, []
+    errors, warnings = check_files(config)
+    return config, errors, list(config.warnings) + warnings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="relayd", description="relayd mail relay daemon")
+    parser.add_argument("--config", metavar="PATH", help=f"config file (default {DEFAULT_PATH}, "
+                        "or $RELAYD_CONFIG)")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the config and the files it names, then exit 0 or 1")
+    parser.add_argument("--version", action="version", version=f"relayd {__version__}")
+    args = parser.parse_args(argv)
+    path = config_path(args.config)
+    config, errors, warnings = load_checked(path)
+    for line in warnings:
+        print(line, file=sys.stderr)
+    for line in errors:
+        print(line, file=sys.stderr)
+    if args.check_config:
+        if not errors:
+            print(f"relayd: {path}: configuration OK")
+        return 1 if errors else 0
+    if errors or config is None:
+        return EX_CONFIG
+    from relayd import daemon
+
+    return daemon.run(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Where the parts of relayd are built and wired together; nowhere else.
+
+Start: recover the spool, hand its entries to the scheduler, open the
+listeners and the control socket, tell systemd we are ready. SIGHUP (or
+``relayctl reload``) builds a new config snapshot and swaps it in; if the
+new config is bad the old one stays. SIGTERM stops accepting, lets
+sessions and deliveries in flight finish up to a timeout, and exits 0 with
+the spool consistent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from relayd import __version__, dkim, log, systemd
+from relayd import dns as relayd_dns
+from relayd.config import Config, ConfigError, check_files, load_config
+from relayd.control.server import ControlServer
+from relayd.delivery.agent import DeliveryAgent
+from relayd.policy import ratelimit, sender
+from relayd.policy.verdict import Verdict
+from relayd.scheduler import Scheduler
+from relayd.smtpd.inbound import InboundChecks
+from relayd.smtpd.listener import Listeners
+from relayd.smtpd.services import Services, server_tls_context
+from relayd.spool.model import Envelope
+from relayd.spool.store import Spool
+from relayd.users import UserStore
+
+DRAIN_TIMEOUT = 30.0
+
+
+@dataclass
+class Counters:
+    started: float = field(default_factory=time.time)
+    accepted: int = 0
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.counters = Counters()
+        self.spool = Spool(config.spool.path)
+        self.resolver = relayd_dns.make_resolver(config.dns)
+        self.agent = DeliveryAgent(config, self.resolver)
+        self.scheduler = Scheduler(config, self.spool, self.agent)
+        self.users = UserStore(config.auth.users_file)
+        self.rate_limiter = ratelimit.RateLimiter(config.rate_limits)
+        self.auth_throttle = ratelimit.AuthThrottle(
+            config.auth.max_failures, config.auth.failure_window
+        )
+        self.connections = ratelimit.ConnectionCounter(
+            config.limits.max_connections, config.limits.max_connections_per_ip
+        )
+        self.services = self._services(config)
+        self.listeners = Listeners(lambda: self.services)
+        self.control = ControlServer(self)
+        self._stop = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+
+    # ---- building the snapshot -------------------------------------------
+
+    def _services(self, config: Config) -> Services:
+        tls = None
+        if config.tls.cert is not None and config.tls.key is not None:
+            tls = server_tls_context(str(config.tls.cert), str(config.tls.key))
+        signer = dkim.Signer(config.dkim.keys)
+        resolver = relayd_dns.make_resolver(config.dns)
+        return Services(
+            config=config,
+            tls_context=tls,
+            users=self.users,
+            connections=self.connections,
+            auth_throttle=self.auth_throttle,
+            rate_limiter=self.rate_limiter,
+            enqueue=self._enqueue,
+            sender_verdict=self._sender_verdict,
+            sign=lambda message: _sign(signer, message),
+            checks=InboundChecks(config, resolver),
+            free_space=self.spool.free_space,
+        )
+
+    def _sender_verdict(self, user: str, address: str) -> Verdict:
+        return sender.login_sender_verdict(self.users.current(), user, address)
+
+    async def _enqueue(self, envelope: Envelope, message: bytes) -> None:
+        await self.spool.commit(envelope, message)
+        self.counters.accepted += 1
+        self.scheduler.add(envelope)
+
+    # ---- running --------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.scheduler.load(self.spool.recover())
+        await self.listeners.apply(self.config.listeners, systemd.listen_fds())
+        await self.control.start(self.config.control)
+        for sig, handler in ((signal.SIGTERM, self._stop.set), (signal.SIGINT, self._stop.set),
+                             (signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))):
+            loop.add_signal_handler(sig, handler)
+        tasks = [asyncio.create_task(self.scheduler.run(), name="scheduler"),
+                 asyncio.create_task(systemd.watchdog_task(), name="watchdog")]
+        systemd.ready(self.status_line())
+        log.event("master", f"daemon started -- version {__version__}, configuration {self.config.source}")
+        await self._stop.wait()
+        await self._shutdown(tasks)
+        return 0
+
+    async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
+        systemd.stopping()
+        log.event("master", "terminating on signal 15")
+        self.listeners.close()
+        await self.listeners.drain(DRAIN_TIMEOUT)
+        await self.scheduler.stop(DRAIN_TIMEOUT)
+        await self.agent.close()
+        await self.control.stop()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def reload(self) -> str | None:
+        """Swap in a new config snapshot; on any problem keep the running one.
+
+        Returns None on success, else the problems as one text.
+        """
+        async with self._reload_lock:
+            systemd.reloading()
+            try:
+                problem = await self._reload()
+            finally:
+                systemd.ready(self.status_line())
+            return problem
+
+    async def _reload(self) -> str | None:
+        try:
+            config = load_config(self.config.source)
+            errors, _ = check_files(config)
+            if errors:
+                raise ConfigError(errors)
+            services = self._services(config)
+            await self.listeners.apply(config.listeners)
+        except ConfigError as exc:
+            return self._reload_failed("\n".join(exc.problems))
+        except (OSError, ValueError) as exc:
+            await self.listeners.apply(self.config.listeners)
+            return self._reload_failed(str(exc))
+        self.config, self.services = config, services
+        self.rate_limiter.reconfigure(config.rate_limits)
+        self.scheduler.reconfigure(config)
+        log.set_level(config.logging.level)
+        log.event("master", f"reload -- version {__version__}, configuration {config.source}")
+        return None
+
+    def _reload_failed(self, text: str) -> str:
+        log.event("master", f"warning: reload failed, keeping the running configuration: {text}",
+                  level=logging.WARNING)
+        return text
+
+    def status_line(self) -> str:
+        counts = self.scheduler.counts()
+        queued = ", ".join(f"{v} {k}" for k, v in counts.items())
+        return f"queue: {queued or 'empty'}"
+
+
+async def _sign(signer: dkim.Signer, message: bytes) -> bytes:
+    signed = await signer.sign_async(message)
+    return signed if signed is not None else message
+
+
+def run(config: Config) -> int:
+    """Run the daemon in the foreground until SIGTERM; the process exit status."""
+    log.setup(config.logging.level, config.logging.target)
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+
+    async def main() -> int:
+        daemon = Daemon(config)
+        return await daemon.run()
+
+    try:
+        return int(runner(main()))
+    except OSError as exc:
+        log.event("master", f"fatal: {exc}", level=logging.CRITICAL)
+        return 71  # EX_OSERR
+

@@ -1,0 +1,97 @@
+"""Headers relayd adds to a message as it accepts it.
+
+Work on raw bytes: the message is stored and relayed byte for byte (a DKIM
+signature made before spooling must still verify after every retry), so
+headers are only ever prepended or inserted, never re-serialised.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import format_datetime, formatdate
+
+
+
+@dataclass(frozen=True)
+class TraceInfo:
+    """What the Received: header says about the hop that just happened."""
+
+    helo: str
+    client_ip: str
+    hostname: str
+    queue_id: str
+    recipient: str | None  # named only for single-recipient messages, as Postfix does
+    esmtp: bool
+    tls_version: str | None
+    tls_cipher: str | None
+    authenticated: bool
+
+
+def split_headers(message: bytes) -> tuple[bytes, bytes]:
+    """(header lines each ending in CRLF, the rest from the blank line on)."""
+    if message.startswith(b"\r\n"):
+        return b"", message
+    i = message.find(b"\r\n\r\n")
+    if i < 0:
+        return message, b""
+    return message[: i + 2], message[i + 2 :]
+
+
+def header_block(message: bytes) -> bytes:
+    return split_headers(message)[0]
+
+
+def has_header(headers: bytes, name: str) -> bool:
+    return re.search(rb"(?im)^" + re.escape(name.encode()) + rb"[ \t]*:", headers) is not None
+
+
+def received(info: TraceInfo, now: float | None = None) -> bytes:
+    """A ``Received:`` field in the usual MTA shape (RFC 5321 §4.4)."""
+    proto = "ESMTP" if info.esmtp else "SMTP"
+    if info.tls_version:
+        proto += "S"
+    if info.authenticated:
+        proto += "A"
+    ip = f"IPv6:{info.client_ip}" if ":" in info.client_ip else info.client_ip
+    lines = [f"Received: from {_clean(info.helo) or 'unknown'} ([{ip}])"]
+    if info.tls_version:
+        lines.append(f"\t(using {info.tls_version} with cipher {info.tls_cipher})")
+    lines.append(f"\tby {info.hostname} (relayd) with {proto} id {info.queue_id}")
+    date = formatdate(now if now is not None else time.time(), localtime=False)
+    if info.recipient:
+        lines.append(f"\tfor <{info.recipient}>; {date}")
+    else:
+        lines[-1] += ";"
+        lines.append(f"\t{date}")
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
+
+
+def _clean(text: str) -> str:
+    """HELO names go into a header: keep them printable and short."""
+    return "".join(c for c in text if c.isprintable() and c not in "()\\")[:255]
+
+
+def submission_fixups(message: bytes, hostname: str, now: float | None = None) -> bytes:
+    """Add ``Message-ID:`` and ``Date:`` to submitted mail that lacks them (RFC 6409 §8)."""
+    headers = header_block(message)
+    extra = b""
+    if not has_header(headers, "Date"):
+        when = datetime.fromtimestamp(now if now is not None else time.time(), UTC)
+        extra += b"Date: " + format_datetime(when).encode() + b"\r\n"
+    if not has_header(headers, "Message-ID"):
+        extra += b"Message-ID: <" + new_message_id(hostname).encode() + b">\r\n"
+    if not extra:
+        return message
+    headers, rest = split_headers(message)
+    if headers and not headers.endswith(b"\r\n"):
+        headers += b"\r\n"
+    return headers + extra + rest
+
+
+def new_message_id(hostname: str) -> str:
+    stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime())
+    return f"{stamp}.{secrets.token_hex(8)}@{hostname}"

@@ -1,0 +1,127 @@
+"""What a session may call on: one immutable snapshot, built by the daemon.
+
+A session talks to the rest of relayd only through this object, which keeps
+the SMTP code ignorant of how the spool, the users file or DNS work, and
+lets a reload hand new sessions a new snapshot while old ones finish on
+theirs. Long-lived counters (rate limits, connection counts) are shared
+between snapshots so a reload does not reset them.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from relayd.address import Address
+from relayd.config import Config
+from relayd.policy.verdict import Verdict
+from relayd.spool.model import Envelope
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    ip: str
+    port: int
+    listener: str
+    inbound: bool  # on an inbound (port 25 style) listener
+
+
+class Checks(Protocol):
+    """Content and sender checks that need DNS (SPF, DKIM verification, DMARC)."""
+
+    async def at_mail(
+        self, client: ClientInfo, helo: str, sender: Address | None, trusted: bool
+    ) -> tuple[Verdict, list[bytes]]: ...
+
+    async def at_data(
+        self,
+        client: ClientInfo,
+        helo: str,
+        sender: Address | None,
+        trusted: bool,
+        message: bytes,
+    ) -> tuple[Verdict, bytes]: ...
+
+
+class NoChecks:
+    """Used where no inbound checks are configured."""
+
+    async def at_mail(
+        self, client: ClientInfo, helo: str, sender: Address | None, trusted: bool
+    ) -> tuple[Verdict, list[bytes]]:
+        return None, []
+
+    async def at_data(
+        self, client: ClientInfo, helo: str, sender: Address | None, trusted: bool, message: bytes
+    ) -> tuple[Verdict, bytes]:
+        return None, message
+
+
+class Users(Protocol):
+    async def verify(self, name: str, password: str) -> bool: ...
+
+
+class Connections(Protocol):
+    def acquire(self, ip: str) -> Verdict: ...
+    def release(self, ip: str) -> None: ...
+
+
+class AuthThrottle(Protocol):
+    def blocked(self, now: float, ip: str) -> bool: ...
+    def failure(self, now: float, ip: str) -> None: ...
+    def delay(self, now: float, ip: str) -> float: ...
+    def success(self, ip: str) -> None: ...
+
+
+class RateLimiter(Protocol):
+    def check(self, now: float, ip: str, user: str | None, sender_domain: str) -> Verdict: ...
+
+
+@dataclass
+class _FreeSpaceCache:
+    """statvfs at most once a second: cheap enough for every MAIL command."""
+
+    probe: Callable[[], int]
+    value: int = 0
+    checked: float = 0.0
+
+    def get(self) -> int:
+        now = time.monotonic()
+        if now - self.checked > 1.0:
+            self.value = self.probe()
+            self.checked = now
+        return self.value
+
+
+@dataclass(frozen=True)
+class Services:
+    config: Config
+    tls_context: ssl.SSLContext | None
+    users: Users
+    connections: Connections
+    auth_throttle: AuthThrottle
+    rate_limiter: RateLimiter
+    enqueue: Callable[[Envelope, bytes], Awaitable[None]]
+    sender_verdict: Callable[[str, str], Verdict]
+    sign: Callable[[bytes], Awaitable[bytes]]
+    checks: Checks = field(default_factory=NoChecks)
+    free_space: Callable[[], int] = lambda: 1 << 62
+    _free: _FreeSpaceCache | None = None
+
+    def spool_full(self) -> bool:
+        """Under the ``[spool] min_free_space`` floor: refuse new mail with 452 4.3.1."""
+        cache = self._free or _FreeSpaceCache(self.free_space)
+        if self._free is None:
+            object.__setattr__(self, "_free", cache)
+        return cache.get() < self.config.spool.min_free_space
+
+
+def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """TLS for listeners: TLS 1.2+, the operator's certificate chain."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx

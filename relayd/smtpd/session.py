@@ -1,0 +1,530 @@
+"""One SMTP conversation: policy at each step, and 250 only once the spool has it.
+
+aiosmtpd supplies the conversation loop, STARTTLS and the AUTH exchange;
+this subclass decides. Each command asks a plain policy function (relay
+ACL, sender ownership, limits, SPF, ...) and answers with the reply it
+gives; replies get RFC 3463 enhanced codes; DATA is read by
+relayd.smtpd.dataread, which refuses smuggling attempts. The message is
+handed to ``Services.enqueue`` (spool commit, then the scheduler), and the
+client hears ``250 2.0.0 Ok: queued as ID`` only when that returned.
+
+A session keeps the Services snapshot it started with, so a reload never
+changes the rules under a client mid-conversation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import re
+import ssl
+import time
+from base64 import b64decode
+from collections import Counter
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+
+from relayd import log
+from relayd.address import Address, AddressError, parse_params, parse_path
+from relayd.config import Listener
+from relayd.policy.acl import may_relay, recipient_verdict
+from relayd.policy.verdict import Refuse
+from relayd.smtpd import dataread, headers
+from relayd.smtpd.services import ClientInfo, Services
+from relayd.spool.model import Envelope, Recipient
+from relayd.spool.queueid import new_queue_id
+from relayd.spool.store import SpoolError
+
+_HAS_ENHANCED = re.compile(r"^\d{3}[ -]\d\.\d{1,3}\.\d{1,3}(?: |$)")
+_DEFAULT_ENHANCED = {
+    "220": "2.0.0", "221": "2.0.0", "235": "2.7.0", "250": "2.0.0", "252": "2.0.0",
+    "421": "4.3.0", "450": "4.2.0", "451": "4.3.0", "452": "4.3.1", "454": "4.7.0",
+    "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4",
+    "530": "5.7.0", "535": "5.7.8", "538": "5.7.11", "550": "5.0.0", "552": "5.3.4",
+    "553": "5.1.3", "554": "5.0.0", "555": "5.5.4",
+}
+_DATA_PROBLEMS = {
+    "too_big": "552 5.3.4 Message size exceeds fixed limit",
+    "bare_newline": "554 5.6.0 Message refused: bare CR or LF in DATA (lines must end in CRLF)",
+    "line_too_long": "554 5.6.0 Message refused: line longer than 998 octets",
+}
+_PROGRAM = {"inbound": "smtpd", "submission": "submission/smtpd"}
+
+
+class _NoHooks:
+    """aiosmtpd wants a handler object; every decision lives in the session."""
+
+
+class Session(SMTP):  # type: ignore[misc]
+    def __init__(self, services: Services, listener: Listener) -> None:
+        cfg = services.config
+        starttls = listener.tls == "starttls" and services.tls_context is not None
+        super().__init__(
+            _NoHooks(),
+            data_size_limit=cfg.limits.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=cfg.hostname,
+            ident="ESMTP",
+            tls_context=services.tls_context if starttls else None,
+            require_starttls=starttls and listener.mode == "submission",
+            timeout=cfg.limits.idle_timeout,
+            auth_required=False,
+            auth_require_tls=False,
+        )
+        self.services = services
+        self.listener = listener
+        self.program = _PROGRAM[listener.mode] if listener.tls != "implicit" else "smtps/smtpd"
+        self.command_size_limits = _command_limits()
+        self.client = ClientInfo(ip="", port=0, listener=listener.name, inbound=listener.mode == "inbound")
+        self.user: str | None = None
+        self.queue_id: str | None = None
+        self.sender: Address | None = None
+        self.mail_params: dict[str, str | None] = {}
+        self.recipients: list[Address] = []
+        self.trace_headers: list[bytes] = []
+        self.refusal: Refuse | None = None
+        self.counts: Counter[str] = Counter()
+        self._raw_replies = True  # the greeting carries no enhanced code
+        self._connected = False
+        self._smtp_methods = {name: self._counted(name, m) for name, m in self._smtp_methods.items()}
+
+    # ---- connection lifecycle -------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is None:
+            peer = transport.get_extra_info("peername") or ("", 0)
+            self.client = ClientInfo(
+                ip=str(peer[0]), port=int(peer[1]), listener=self.listener.name,
+                inbound=self.listener.mode == "inbound",
+            )
+            self.refusal = self.services.connections.acquire(self.client.ip)
+            self._connected = self.refusal is None
+            log.event(self.program, f"connect from unknown[{self.client.ip}]",
+                      level=logging.DEBUG, client_ip=self.client.ip)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._connected:
+            self._connected = False
+            self.services.connections.release(self.client.ip)
+            self._log_disconnect()
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        if self.refusal is not None:
+            await self.push(self.refusal.reply())
+            assert self.transport is not None
+            self.transport.close()
+            return
+        await super()._handle_client()
+
+    def _timeout_cb(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
+            log.event(self.program, f"timeout after {self._last_command()} from "
+                      f"unknown[{self.client.ip}]", client_ip=self.client.ip)
+        super()._timeout_cb()
+
+    def _log_disconnect(self) -> None:
+        stats = " ".join(f"{k.lower()}={v}" for k, v in self.counts.items())
+        total = sum(self.counts.values())
+        log.event(self.program, f"disconnect from unknown[{self.client.ip}] {stats} commands={total}",
+                  client_ip=self.client.ip, listener=self.listener.name)
+
+    def _last_command(self) -> str:
+        return next(reversed(self.counts), "CONNECT")
+
+    def _counted(self, name: str, method: Any) -> Any:
+        @functools.wraps(method)
+        async def run(arg: str | None) -> None:
+            self.counts[name] += 1
+            await method(arg)
+
+        return run
+
+    # ---- replies ----------------------------------------------------------
+
+    async def push(self, status: str | bytes) -> None:
+        if isinstance(status, str) and not self._raw_replies:
+            status = _enhance(status)
+        self._raw_replies = False
+        await super().push(status)
+
+    async def _push_lines(self, code: int, lines: list[str]) -> None:
+        text = "".join(
+            f"{code}{'-' if i < len(lines) - 1 else ' '}{line}\r\n" for i, line in enumerate(lines)
+        )
+        self._writer.write(text.encode())
+        await self._writer.drain()
+
+    def _tls_active(self) -> bool:
+        return self.listener.tls == "implicit" or self._tls_protocol is not None
+
+    def _tls_info(self) -> tuple[str | None, str | None]:
+        if not self._tls_active() or self.transport is None:
+            return None, None
+        obj = self.transport.get_extra_info("ssl_object")
+        if not isinstance(obj, ssl.SSLObject | ssl.SSLSocket):
+            return None, None
+        cipher = obj.cipher()
+        return obj.version(), cipher[0] if cipher else None
+
+    # ---- greeting and TLS ------------------------------------------------------
+
+    async def smtp_EHLO(self, hostname: str | None) -> None:
+        if not hostname:
+            await self.push("501 5.5.4 Syntax: EHLO hostname")
+            return
+        self._reset_transaction()
+        assert self.session is not None
+        self.session.extended_smtp = True
+        self.session.host_name = hostname
+        lines = [self.hostname, "PIPELINING", f"SIZE {self.data_size_limit}", "8BITMIME",
+                 "SMTPUTF8", "ENHANCEDSTATUSCODES"]
+        if self.tls_context is not None and self._tls_protocol is None:
+            lines.append("STARTTLS")
+        if self._tls_active():
+            lines.append("AUTH PLAIN LOGIN")
+        await self._push_lines(250, lines)
+
+    async def smtp_HELO(self, hostname: str | None) -> None:
+        if not hostname:
+            await self.push("501 5.5.4 Syntax: HELO hostname")
+            return
+        self._reset_transaction()
+        assert self.session is not None
+        self.session.extended_smtp = False
+        self.session.host_name = hostname
+        await self._push_lines(250, [self.hostname])
+
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
+        if self.tls_context is None or self._tls_protocol is not None:
+            await self.push("502 5.5.1 STARTTLS not available")
+            return
+        # Anything the client pipelined behind STARTTLS was sent in clear text
+        # and must not be executed after the handshake (CVE-2011-0411).
+        self._reader._buffer.clear()
+        await super().smtp_STARTTLS(arg)
+        self._reset_transaction()
+
+    async def smtp_RSET(self, arg: str | None) -> None:
+        if arg:
+            await self.push("501 5.5.4 Syntax: RSET")
+            return
+        self._reset_transaction()
+        await self.push("250 2.0.0 Ok")
+
+    async def smtp_NOOP(self, arg: str | None) -> None:
+        await self.push("250 2.0.0 Ok")
+
+    async def smtp_VRFY(self, arg: str | None) -> None:
+        await self.push("252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery")
+
+    async def smtp_EXPN(self, arg: str | None) -> None:
+        await self.push("502 5.5.1 EXPN not available")
+
+    def _reset_transaction(self) -> None:
+        self._set_rset_state()
+        self.queue_id = None
+        self.sender = None
+        self.mail_params = {}
+        self.recipients = []
+        self.trace_headers = []
+
+    # ---- AUTH ---------------------------------------------------------------
+
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        assert self.session is not None
+        if not self.session.host_name or not self.session.extended_smtp:
+            await self.push("503 5.5.1 Error: send EHLO first")
+            return
+        if self.listener.tls == "none":
+            await self.push("503 5.5.1 Error: authentication not enabled")
+            return
+        if not self._tls_active():
+            await self.push("530 5.7.0 Must issue a STARTTLS command first")
+            return
+        if self.services.auth_throttle.blocked(time.time(), self.client.ip):
+            await self._close_with("421 4.7.0 Too many failed authentications; try again later")
+            return
+        await super().smtp_AUTH(arg)
+
+    async def _close_with(self, reply: str) -> None:
+        await self.push(reply)
+        assert self.transport is not None
+        self.transport.close()
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        blob = await self._auth_blob(args[1] if len(args) > 1 else None, "")
+        if blob is None:
+            return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\x00")
+        if len(parts) != 3:
+            await self.push("501 5.5.2 Cannot split authentication value")
+            return AuthResult(success=False, handled=True)
+        return await self._verify("PLAIN", parts[1], parts[2])
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        login = await self._auth_blob(args[1] if len(args) > 1 else None, "Username:")
+        if login is None:
+            return AuthResult(success=False, handled=True)
+        password = await self._auth_blob(None, "Password:")
+        if password is None:
+            return AuthResult(success=False, handled=True)
+        return await self._verify("LOGIN", login, password)
+
+    async def _auth_blob(self, initial: str | None, challenge: str) -> bytes | None:
+        if initial is not None:
+            if initial == "=":
+                return b""
+            try:
+                return b64decode(initial.encode(), validate=True)
+            except ValueError:
+                await self.push("501 5.5.2 Cannot decode base64")
+                return None
+        blob = await self.challenge_auth(challenge)
+        return None if not isinstance(blob, bytes) else blob
+
+    async def _verify(self, mechanism: str, login: bytes, password: bytes) -> AuthResult:
+        name = login.decode("utf-8", "replace")
+        ok = await self.services.users.verify(name, password.decode("utf-8", "replace"))
+        throttle = self.services.auth_throttle
+        if ok:
+            throttle.success(self.client.ip)
+            self.user = name.lower()
+            return AuthResult(success=True, auth_data=LoginPassword(login, b""),
+                              message="235 2.7.0 Authentication successful")
+        throttle.failure(time.time(), self.client.ip)
+        log.event(self.program, f"warning: unknown[{self.client.ip}]: SASL {mechanism} "
+                  "authentication failed: authentication failure", level=logging.WARNING,
+                  client_ip=self.client.ip, sasl_username=name)
+        delay = throttle.delay(time.time(), self.client.ip)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return AuthResult(success=False, handled=False,
+                          message="535 5.7.8 Error: authentication failed")
+
+    # ---- the transaction ------------------------------------------------------
+
+    def _may_relay(self) -> bool:
+        return may_relay(self.user is not None, self.client.ip, self.services.config.relay.networks)
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        refusal = await self._mail_refusal(arg)
+        if refusal is not None:
+            await self.push(refusal)
+            return
+        assert self.queue_id is not None
+        await self.push("250 2.1.0 Ok")
+
+    async def _mail_refusal(self, arg: str | None) -> str | None:
+        assert self.session is not None
+        if not self.session.host_name:
+            return "503 5.5.1 Error: send HELO/EHLO first"
+        if self.listener.mode == "submission" and self.user is None:
+            return "530 5.7.0 Authentication required"
+        if self.queue_id is not None:
+            return "503 5.5.1 Error: nested MAIL command"
+        if not arg or not arg[:5].upper() == "FROM:":
+            return "501 5.5.4 Syntax: MAIL FROM:<address>"
+        try:
+            sender, param_text = parse_path(arg[5:], allow_null=True, smtputf8=True)
+            params = parse_params(param_text)
+        except (AddressError, ValueError) as exc:
+            return f"501 5.1.7 Bad sender address syntax: {exc}"
+        problem = self._mail_params_problem(params, sender)
+        if problem:
+            return problem
+        return await self._mail_policy(sender, params)
+
+    def _mail_params_problem(self, params: dict[str, str | None], sender: Address | None) -> str | None:
+        limit = self.services.config.limits.max_message_size
+        for key, value in params.items():
+            if key == "SIZE":
+                if value is None or not value.isdigit():
+                    return "501 5.5.4 Bad SIZE parameter"
+                if int(value) > limit:
+                    return "552 5.3.4 Message size exceeds fixed limit"
+            elif key == "BODY":
+                if (value or "").upper() not in ("7BIT", "8BITMIME"):
+                    return "501 5.5.4 BODY must be 7BIT or 8BITMIME"
+            elif key == "SMTPUTF8":
+                if value is not None:
+                    return "501 5.5.4 SMTPUTF8 takes no value"
+            else:
+                return f"555 5.5.4 Unsupported MAIL parameter {key}"
+        if sender is not None and sender.needs_smtputf8 and "SMTPUTF8" not in params:
+            return "553 5.6.7 Non-ASCII sender requires SMTPUTF8"
+        return None
+
+    async def _mail_policy(self, sender: Address | None, params: dict[str, str | None]) -> str | None:
+        services = self.services
+        if services.spool_full():
+            return "452 4.3.1 Insufficient system storage"
+        if self.user is not None:
+            verdict = services.sender_verdict(self.user, str(sender) if sender else "")
+            if verdict is not None:
+                return verdict.reply()
+        domain = sender.domain if sender else ""
+        verdict = services.rate_limiter.check(time.time(), self.client.ip, self.user, domain)
+        if verdict is not None:
+            return verdict.reply()
+        assert self.session is not None
+        verdict, trace = await services.checks.at_mail(
+            self.client, self.session.host_name, sender, self.user is not None or self._may_relay()
+        )
+        if verdict is not None:
+            return verdict.reply()
+        self.trace_headers = trace
+        self.sender = sender
+        self.mail_params = params
+        self.queue_id = new_queue_id()
+        who = f"client=unknown[{self.client.ip}]"
+        if self.user is not None:
+            who += f", sasl_method=PLAIN, sasl_username={self.user}"
+        log.event(self.program, who, queue_id=self.queue_id, client_ip=self.client.ip,
+                  sasl_username=self.user, listener=self.listener.name)
+        return None
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        reply = self._rcpt_reply(arg)
+        if not reply.startswith("250"):
+            self._log_reject("RCPT", reply, arg)
+        await self.push(reply)
+
+    def _rcpt_reply(self, arg: str | None) -> str:
+        if self.queue_id is None:
+            return "503 5.5.1 Error: need MAIL command"
+        if not arg or not arg[:3].upper() == "TO:":
+            return "501 5.5.4 Syntax: RCPT TO:<address>"
+        try:
+            rcpt, param_text = parse_path(arg[3:], allow_null=False,
+                                          smtputf8="SMTPUTF8" in self.mail_params)
+            params = parse_params(param_text)
+        except (AddressError, ValueError) as exc:
+            return f"501 5.1.3 Bad recipient address syntax: {exc}"
+        assert rcpt is not None
+        if params:
+            return f"555 5.5.4 Unsupported RCPT parameter {next(iter(params))}"
+        if len(self.recipients) >= self.services.config.limits.max_recipients:
+            return "452 4.5.3 Error: too many recipients"
+        relay = self.services.config.relay
+        verdict = recipient_verdict(rcpt, relay_allowed=self._may_relay(),
+                                    inbound=self.listener.mode == "inbound", domains=relay.domains)
+        if verdict is not None:
+            return f"{verdict.code} {verdict.enhanced} <{rcpt}>: {verdict.text}"
+        self.recipients.append(rcpt)
+        return "250 2.1.5 Ok"
+
+    def _log_reject(self, stage: str, reply: str, arg: str | None) -> None:
+        assert self.session is not None
+        sender = f"<{self.sender}>" if self.sender else "<>"
+        log.event(self.program, f"reject: {stage} from unknown[{self.client.ip}]: {reply}; "
+                  f"from={sender} to={(arg or '')[3:].strip()} proto=ESMTP "
+                  f"helo=<{self.session.host_name or ''}>", queue_id=self.queue_id or "NOQUEUE",
+                  client_ip=self.client.ip, smtp_reply=reply)
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if self.queue_id is None:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        if not self.recipients:
+            await self.push("554 5.5.1 Error: no valid recipients")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        result = await dataread.read_data(self._reader, self.services.config.limits.max_message_size,
+                                          on_progress=self._reset_timeout)
+        reply = await self._accept(result)
+        self._reset_transaction()
+        await self.push(reply)
+
+    async def _accept(self, result: dataread.DataResult) -> str:
+        if result.problem is not None:
+            reply = _DATA_PROBLEMS[result.problem]
+            self._log_reject("END-OF-MESSAGE", reply, None)
+            return reply
+        assert self.queue_id is not None and self.session is not None
+        try:
+            message = await self._prepare(result.message)
+        except _Refused as refused:
+            self._log_reject("END-OF-MESSAGE", refused.reply, None)
+            return refused.reply
+        envelope = self._envelope(message)
+        try:
+            await self.services.enqueue(envelope, message)
+        except SpoolError as exc:
+            log.event(self.program, f"warning: queue file write error: {exc}", queue_id=self.queue_id,
+                      level=logging.ERROR)
+            return "451 4.3.0 Error: queue file write error"
+        return f"250 2.0.0 Ok: queued as {self.queue_id}"
+
+    async def _prepare(self, message: bytes) -> bytes:
+        """Policy on the content, then our headers: trace, Message-ID/Date, DKIM."""
+        services = self.services
+        submitted = self.user is not None or self._may_relay()
+        assert self.session is not None
+        verdict, message = await services.checks.at_data(
+            self.client, self.session.host_name, self.sender, submitted, message
+        )
+        if verdict is not None:
+            raise _Refused(verdict.reply())
+        if submitted:
+            message = headers.submission_fixups(message, services.config.hostname)
+            message = await services.sign(message)
+        return self._received() + b"".join(self.trace_headers) + message
+
+    def _received(self) -> bytes:
+        assert self.session is not None and self.queue_id is not None
+        version, cipher = self._tls_info()
+        info = headers.TraceInfo(
+            helo=self.session.host_name or "", client_ip=self.client.ip,
+            hostname=self.services.config.hostname, queue_id=self.queue_id,
+            recipient=str(self.recipients[0]) if len(self.recipients) == 1 else None,
+            esmtp=bool(self.session.extended_smtp), tls_version=version, tls_cipher=cipher,
+            authenticated=self.user is not None,
+        )
+        return headers.received(info)
+
+    def _envelope(self, message: bytes) -> Envelope:
+        assert self.queue_id is not None and self.session is not None
+        return Envelope(
+            queue_id=self.queue_id,
+            sender=str(self.sender) if self.sender else "",
+            recipients=[Recipient(address=str(r)) for r in self.recipients],
+            arrival_time=time.time(),
+            size=len(message),
+            client_ip=self.client.ip,
+            helo=self.session.host_name or "",
+            listener=self.listener.name,
+            sasl_username=self.user or "",
+            smtputf8="SMTPUTF8" in self.mail_params,
+            body_8bit=(self.mail_params.get("BODY") or "").upper() == "8BITMIME",
+        )
+
+
+class _Refused(Exception):
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
+
+
+def _enhance(status: str) -> str:
+    """Give a reply the RFC 3463 code its class implies when it has none."""
+    if _HAS_ENHANCED.match(status) or status[:1] not in "245":
+        return status
+    enhanced = _DEFAULT_ENHANCED.get(status[:3])
+    if enhanced is None:
+        enhanced = f"{status[0]}.0.0"
+    return f"{status[:4]}{enhanced} {status[4:]}"
+
+
+def _command_limits() -> Any:
+    from collections import defaultdict
+
+    return defaultdict(lambda: 512, {"MAIL": 1024, "RCPT": 1024, "AUTH": 2048})

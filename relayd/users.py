@@ -1,0 +1,537 @@
+"""The submission users file: who may AUTH, and which senders each may use.
+
+The file is TOML that ``relayctl user ...`` writes and an operator can read::
+
+    [users."alice@example.com"]
+    hash = "scrypt$32768$8$1$<salt base64>$<key base64>"
+    allow_from = ["*@example.com"]
+
+Passwords are kept only as scrypt hashes that carry their own parameters, so
+the cost can be raised later without breaking existing entries: old hashes
+keep verifying with the parameters they were made with. The default
+(N=2**15, r=8, p=1) costs about 130 ms of one core and 32 MiB per check on a
+small 2-core server, which makes offline guessing expensive while an AUTH
+stays well under the time a client waits anyway.
+
+The daemon holds a ``UserStore``, which re-reads the file when it changes on
+disk, so ``relayctl user add`` takes effect without a restart or reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import fcntl
+import getpass
+import hashlib
+import hmac
+import logging
+import os
+import re
+import secrets
+import sys
+import tempfile
+import tomllib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import tomli_w
+
+from relayd.log import event
+
+FILE_MODE = 0o640
+MAX_NAME_LENGTH = 254  # the longest forward-path RFC 5321 allows
+# A hand-edited hash asking for more memory than this is a typo, not a policy.
+MAX_SCRYPT_MEMORY = 1 << 30
+_NAME_PUNCTUATION = frozenset(".-_+@")
+_HEADER = (
+    "# relayd submission users; change with `relayctl user add|passwd|del|list`.\n"
+    "# hash: scrypt$N$r$p$salt$key (base64); allow_from: extra sender address globs.\n"
+)
+
+
+class UserError(Exception):
+    """A refused user operation; the message is ready to show an operator."""
+
+
+class UserFileError(UserError):
+    """The users file cannot be used; the message names the file, line and fix."""
+
+
+@dataclass(frozen=True)
+class ScryptParams:
+    """scrypt cost: ``n`` (CPU/memory, a power of 2), block size ``r``, parallelism ``p``."""
+
+    n: int = 2**15
+    r: int = 8
+    p: int = 1
+
+    @property
+    def maxmem(self) -> int:
+        """Memory scrypt needs, with headroom; OpenSSL refuses to start below it."""
+        return 128 * self.r * (self.n + self.p + 2) + (1 << 20)
+
+
+DEFAULT_PARAMS = ScryptParams()
+_KEY_LENGTH = 32
+_SALT_LENGTH = 16
+
+
+@dataclass(frozen=True)
+class User:
+    """What the rest of relayd may know about a user: never the hash."""
+
+    name: str
+    allow_from: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    hash: str
+    allow_from: tuple[str, ...]
+
+
+# --- password hashes ---------------------------------------------------------
+
+
+def _derive(password: str, salt: bytes, params: ScryptParams) -> bytes:
+    return hashlib.scrypt(
+        password.encode("utf-8"),
+        salt=salt,
+        n=params.n,
+        r=params.r,
+        p=params.p,
+        maxmem=params.maxmem,
+        dklen=_KEY_LENGTH,
+    )
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def hash_password(password: str, params: ScryptParams = DEFAULT_PARAMS) -> str:
+    """Salted scrypt hash, encoded with its parameters so they can be raised later."""
+    salt = secrets.token_bytes(_SALT_LENGTH)
+    key = _derive(password, salt, params)
+    return f"scrypt${params.n}${params.r}${params.p}${_b64(salt)}${_b64(key)}"
+
+
+def _parse_hash(encoded: str) -> tuple[ScryptParams, bytes, bytes]:
+    """Split an encoded hash; ValueError says what is wrong with it."""
+    parts = encoded.split("$")
+    if len(parts) != 6 or parts[0] != "scrypt":
+        raise ValueError('expected "scrypt$N$r$p$salt$key"')
+    try:
+        params = ScryptParams(int(parts[1]), int(parts[2]), int(parts[3]))
+        salt = base64.b64decode(parts[4], validate=True)
+        key = base64.b64decode(parts[5], validate=True)
+    except (ValueError, binascii.Error) as exc:
+        raise ValueError('expected "scrypt$N$r$p$salt$key" with numbers and base64') from exc
+    if params.n < 2 or params.n & (params.n - 1) or params.r < 1 or params.p < 1:
+        raise ValueError("scrypt N must be a power of 2 above 1, r and p at least 1")
+    if params.maxmem > MAX_SCRYPT_MEMORY:
+        raise ValueError(f"scrypt N={params.n} r={params.r} needs more than 1 GiB of memory")
+    if not salt or not key:
+        raise ValueError("empty salt or key")
+    return params, salt, key
+
+
+def check_password(password: str, encoded: str) -> bool:
+    """True if ``password`` matches; the compare takes the same time wherever it differs."""
+    params, salt, key = _parse_hash(encoded)
+    return hmac.compare_digest(_derive(password, salt, params), key)
+
+
+# --- names and patterns ------------------------------------------------------
+
+
+def _has_control(text: str) -> bool:
+    return any(ch.isspace() or not ch.isprintable() for ch in text)
+
+
+def normalize_name(name: str) -> str:
+    """The stored (lower-cased) form of a login name, or UserError saying why not."""
+    bad = [ch for ch in name if not (ch.isalnum() or ch in _NAME_PUNCTUATION)]
+    if not name or len(name) > MAX_NAME_LENGTH:
+        raise UserError(f"bad user name {name!r}: must be 1 to {MAX_NAME_LENGTH} characters")
+    if bad:
+        raise UserError(
+            f"bad user name {name!r}: {bad[0]!r} not allowed; use letters, digits and . - _ + @"
+        )
+    if name.count("@") > 1 or name.startswith("@") or name.endswith("@"):
+        raise UserError(
+            f"bad user name {name!r}: use an address like alice@example.com "
+            "or a bare name like app1"
+        )
+    return name.lower()
+
+
+def normalize_pattern(pattern: str) -> str:
+    """The stored (lower-cased) form of an allow_from glob, or UserError saying why not."""
+    if not pattern or "@" not in pattern or _has_control(pattern):
+        raise UserError(
+            f"bad --allow-from pattern {pattern!r}: a glob on the whole address "
+            "with an @ and no spaces, e.g. '*@example.com'"
+        )
+    return pattern.lower()
+
+
+def _normalize_password(password: str) -> str:
+    """Refuse passwords no SMTP client could ever send back to us."""
+    if not password:
+        raise UserError("empty password refused")
+    if any(ch in password for ch in "\0\r\n"):
+        raise UserError("password must not contain NUL or line breaks")
+    return password
+
+
+# --- the file ----------------------------------------------------------------
+
+
+def _toml_line(message: str) -> tuple[int | None, str]:
+    """tomllib puts "(at line N, column M)" at the end; move it where operators look."""
+    found = re.search(r"\s*\(at line (\d+), column (\d+)\)$", message)
+    if not found:
+        return None, message
+    return int(found[1]), f"{message[: found.start()]} (column {found[2]})"
+
+
+def _header_line(text: str, raw_name: str) -> int | None:
+    """Line of the ``[users."NAME"]`` table, so an error points at it."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if stripped.startswith("[users.") and stripped.endswith("]"):
+            key = stripped[len("[users.") : -1].strip().strip("\"'")
+            if key == raw_name:
+                return number
+    return None
+
+
+def _where(path: Path, line: int | None) -> str:
+    return f"{path}:{line}" if line else str(path)
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError as exc:
+        raise UserFileError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except OSError as exc:
+        raise UserFileError(f"{path}: cannot read: {exc.strerror}") from exc
+
+
+def _entry_from_toml(raw_name: str, value: Any) -> tuple[str, _Entry]:
+    """One ``[users."NAME"]`` table; ValueError/UserError say which key is wrong."""
+    name = normalize_name(raw_name)
+    if not isinstance(value, dict):
+        raise ValueError("expected a table with hash and allow_from")
+    unknown = sorted(set(value) - {"hash", "allow_from"})
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} (known: hash, allow_from)")
+    encoded = value.get("hash")
+    if not isinstance(encoded, str):
+        raise ValueError("hash: missing or not a string")
+    try:
+        _parse_hash(encoded)
+    except ValueError as exc:
+        raise ValueError(f"hash: {exc}") from exc
+    patterns = value.get("allow_from", [])
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise ValueError('allow_from: expected a list of strings like ["*@example.com"]')
+    return name, _Entry(encoded, tuple(normalize_pattern(p) for p in patterns))
+
+
+def _entries_from_toml(path: Path, text: str, data: dict[str, Any]) -> dict[str, _Entry]:
+    unknown = sorted(set(data) - {"users"})
+    if unknown:
+        raise UserFileError(f"{path}: unknown key {unknown[0]!r}; the file holds only [users.NAME]")
+    users = data.get("users", {})
+    if not isinstance(users, dict):
+        raise UserFileError(f'{path}: users: expected tables like [users."alice@example.com"]')
+    entries: dict[str, _Entry] = {}
+    for raw_name, value in users.items():
+        where = _where(path, _header_line(text, raw_name))
+        try:
+            name, entry = _entry_from_toml(raw_name, value)
+        except (ValueError, UserError) as exc:
+            raise UserFileError(
+                f'{where}: [users."{raw_name}"] {exc}; fix it by hand, or delete that '
+                f"table and add the user again with `relayctl user add`"
+            ) from exc
+        if name in entries:
+            raise UserFileError(
+                f"{where}: user {raw_name!r} is listed twice (names ignore case); remove one"
+            )
+        entries[name] = entry
+    return entries
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _keep_ownership(fd: int, path: Path) -> None:
+    """Keep the existing file's group (the daemon reads it through the group)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return
+    uid = st.st_uid if os.geteuid() == 0 else -1
+    try:
+        os.fchown(fd, uid, st.st_gid)
+    except PermissionError as exc:
+        raise UserError(
+            f"{path}: cannot keep its group (gid {st.st_gid}); run as root or as a member "
+            "of that group"
+        ) from exc
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """tmp in the same directory, fsync, rename, fsync dir: readers see old or new."""
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, FILE_MODE)
+        _keep_ownership(fd, path)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            fd = -1
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Serialize read-modify-write runs of relayctl so two adds don't lose one.
+
+    The lock is on the directory, so no lock file is left next to the users file.
+    """
+    try:
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise UserError(f"{path.parent}: cannot open directory: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+class UserDB:
+    """The users file in memory; every change is made here and then saved."""
+
+    def __init__(self, params: ScryptParams = DEFAULT_PARAMS) -> None:
+        self.params = params
+        self._entries: dict[str, _Entry] = {}
+        self._dummy_salt = secrets.token_bytes(_SALT_LENGTH)
+
+    @classmethod
+    def load(cls, path: Path | str, params: ScryptParams = DEFAULT_PARAMS) -> UserDB:
+        """Read ``path``; a missing file is an empty db (no users yet, not an error)."""
+        path = Path(path)
+        db = cls(params)
+        text = _read_text(path)
+        if text is None:
+            return db
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            line, message = _toml_line(str(exc))
+            raise UserFileError(
+                f"{_where(path, line)}: {message}; fix the TOML syntax there"
+            ) from exc
+        db._entries = _entries_from_toml(path, text, data)
+        return db
+
+    def save(self, path: Path | str) -> None:
+        """Write atomically with mode 0640, keeping the existing file's group."""
+        path = Path(path)
+        data = {
+            "users": {
+                name: {"hash": entry.hash, "allow_from": list(entry.allow_from)}
+                for name, entry in sorted(self._entries.items())
+            }
+        }
+        try:
+            _write_atomically(path, _HEADER + tomli_w.dumps(data))
+        except OSError as exc:
+            raise UserError(f"{path}: cannot write: {exc.strerror}") from exc
+
+    def add(self, name: str, password: str, allow_from: Iterable[str] = ()) -> User:
+        """Add a new user; an existing one is an error so a typo can't reset a password."""
+        key = normalize_name(name)
+        if key in self._entries:
+            raise UserError(f"user {key} exists already; use `relayctl user passwd {key}`")
+        patterns = tuple(dict.fromkeys(normalize_pattern(p) for p in allow_from))
+        encoded = hash_password(_normalize_password(password), self.params)
+        self._entries[key] = _Entry(encoded, patterns)
+        return User(key, patterns)
+
+    def set_password(self, name: str, password: str) -> None:
+        key = self._existing(name)
+        encoded = hash_password(_normalize_password(password), self.params)
+        self._entries[key] = _Entry(encoded, self._entries[key].allow_from)
+
+    def delete(self, name: str) -> None:
+        del self._entries[self._existing(name)]
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def get(self, name: str) -> User | None:
+        """The user, or None; lookup ignores case like the rest of an address."""
+        entry = self._entries.get(name.lower())
+        return None if entry is None else User(name.lower(), entry.allow_from)
+
+    def verify(self, name: str, password: str) -> bool:
+        """Check a login; CPU-bound (see the module docstring), so call it off the loop.
+
+        An unknown user still costs one hash, against a dummy salt, so the
+        reply time does not tell a guesser which names exist.
+        """
+        entry = self._entries.get(name.lower())
+        if entry is None:
+            _derive(password, self._dummy_salt, self.params)
+            return False
+        return check_password(password, entry.hash)
+
+    def _existing(self, name: str) -> str:
+        key = name.lower()
+        if key not in self._entries:
+            raise UserError(f"no such user: {name}")
+        return key
+
+
+_FileKey = tuple[int, int, int] | None  # (mtime_ns, size, inode); None: no file
+
+
+class UserStore:
+    """The daemon's view of the users file, re-read whenever the file changes.
+
+    A stat per lookup is far cheaper than the hash that follows it, and it
+    makes ``relayctl user ...`` take effect at once. A file that fails to
+    parse (say, half-edited by hand) keeps the users loaded before it, with
+    one warning per broken version rather than one per login attempt.
+    """
+
+    def __init__(self, path: Path | str, params: ScryptParams = DEFAULT_PARAMS) -> None:
+        self.path = Path(path)
+        self.params = params
+        self._db = UserDB(params)
+        self._key: _FileKey | str = "unread"
+
+    def current(self) -> UserDB:
+        key = self._stat()
+        if key != self._key:
+            self._key = key
+            self._reload()
+        return self._db
+
+    async def verify(self, name: str, password: str) -> bool:
+        """Like UserDB.verify, in a worker thread so other sessions keep moving."""
+        return await asyncio.to_thread(self.current().verify, name, password)
+
+    def _stat(self) -> _FileKey | str:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            return f"error: {exc.strerror}"
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _reload(self) -> None:
+        try:
+            db = UserDB.load(self.path, self.params)
+        except UserError as exc:
+            event(
+                "smtpd",
+                f"warning: {exc}; keeping the {len(self._db.names())} users loaded before",
+                level=logging.WARNING,
+            )
+            return
+        self._db = db
+        if self._key is None:
+            event("smtpd", f"users file {self.path} does not exist yet: no submission users")
+        else:
+            event("smtpd", f"users file {self.path}: {len(db.names())} users")
+
+
+# --- relayctl user ... ---------------------------------------------------------
+
+
+def cmd_user_add(
+    path: Path | str,
+    name: str,
+    password: str,
+    allow_from: Iterable[str] = (),
+    *,
+    params: ScryptParams = DEFAULT_PARAMS,
+) -> None:
+    """``relayctl user add NAME [--allow-from PATTERN ...]``."""
+    with _locked(Path(path)):
+        db = UserDB.load(path, params)
+        db.add(name, password, allow_from)
+        db.save(path)
+
+
+def cmd_user_passwd(
+    path: Path | str, name: str, password: str, *, params: ScryptParams = DEFAULT_PARAMS
+) -> None:
+    """``relayctl user passwd NAME``; also rehashes with the current parameters."""
+    with _locked(Path(path)):
+        db = UserDB.load(path, params)
+        db.set_password(name, password)
+        db.save(path)
+
+
+def cmd_user_del(path: Path | str, name: str) -> None:
+    """``relayctl user del NAME``."""
+    with _locked(Path(path)):
+        db = UserDB.load(path)
+        db.delete(name)
+        db.save(path)
+
+
+def cmd_user_list(path: Path | str) -> list[User]:
+    """``relayctl user list``: users by name, without their hashes."""
+    db = UserDB.load(path)
+    return [user for name in db.names() if (user := db.get(name)) is not None]
+
+
+def read_password(
+    stdin: bool,
+    *,
+    stream: TextIO | None = None,
+    prompt: Callable[[str], str] = getpass.getpass,
+) -> str:
+    """One line from stdin (``--password-stdin``), or a prompt typed twice.
+
+    Only the line break is stripped from stdin: spaces may be part of a password.
+    """
+    if stdin:
+        line = (stream or sys.stdin).readline()
+        password = line.removesuffix("\n").removesuffix("\r")
+    else:
+        password = prompt("Password: ")
+        if password and prompt("Retype password: ") != password:
+            raise UserError("passwords do not match")
+    return _normalize_password(password)
