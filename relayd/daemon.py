@@ -71,7 +71,6 @@ class Daemon:
         if config.tls.cert is not None and config.tls.key is not None:
             tls = server_tls_context(str(config.tls.cert), str(config.tls.key))
         signer = dkim.Signer(config.dkim.keys)
-        resolver = relayd_dns.make_resolver(config.dns)
         return Services(
             config=config,
             tls_context=tls,
@@ -82,7 +81,7 @@ class Daemon:
             enqueue=self._enqueue,
             sender_verdict=self._sender_verdict,
             sign=lambda message: _sign(signer, message),
-            checks=InboundChecks(config, resolver),
+            checks=InboundChecks(config),
             free_space=self.spool.free_space,
         )
 

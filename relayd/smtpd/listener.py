@@ -87,7 +87,8 @@ class Listeners:
         loop = asyncio.get_running_loop()
         tls = self._implicit_context() if listener.tls == "implicit" else None
         server = await loop.create_server(
-            lambda: self._session(listener), sock=sock, ssl=tls, ssl_handshake_timeout=30
+            lambda: self._session(listener), sock=sock, ssl=tls,
+            ssl_handshake_timeout=30 if tls is not None else None,
         )
         log.event("master", f"listening on {listener.address} as {listener.name} "
                   f"({listener.mode}, tls={listener.tls})")

@@ -34,7 +34,9 @@ class Checks(Protocol):
 
     async def at_mail(
         self, client: ClientInfo, helo: str, sender: Address | None, trusted: bool
-    ) -> tuple[Verdict, list[bytes]]: ...
+    ) -> tuple[Verdict, list[bytes], object]:
+        """A refusal, trace headers to add, and state handed on to ``at_data``."""
+        ...
 
     async def at_data(
         self,
@@ -43,6 +45,7 @@ class Checks(Protocol):
         sender: Address | None,
         trusted: bool,
         message: bytes,
+        state: object,
     ) -> tuple[Verdict, bytes]: ...
 
 
@@ -51,11 +54,12 @@ class NoChecks:
 
     async def at_mail(
         self, client: ClientInfo, helo: str, sender: Address | None, trusted: bool
-    ) -> tuple[Verdict, list[bytes]]:
-        return None, []
+    ) -> tuple[Verdict, list[bytes], object]:
+        return None, [], None
 
     async def at_data(
-        self, client: ClientInfo, helo: str, sender: Address | None, trusted: bool, message: bytes
+        self, client: ClientInfo, helo: str, sender: Address | None, trusted: bool,
+        message: bytes, state: object,
     ) -> tuple[Verdict, bytes]:
         return None, message
 

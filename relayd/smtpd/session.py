@@ -24,6 +24,8 @@ from base64 import b64decode
 from collections import Counter
 from typing import Any
 
+import warnings
+
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 from relayd import log
@@ -36,6 +38,9 @@ from relayd.smtpd.services import ClientInfo, Services
 from relayd.spool.model import Envelope, Recipient
 from relayd.spool.queueid import new_queue_id
 from relayd.spool.store import SpoolError
+
+# aiosmtpd fills its deprecated Session.login_data itself on every AUTH.
+warnings.filterwarnings("ignore", message="Session.login_data is deprecated")
 
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -]\d\.\d{1,3}\.\d{1,3}(?: |$)")
 _DEFAULT_ENHANCED = {
@@ -85,6 +90,7 @@ class Session(SMTP):  # type: ignore[misc]
         self.mail_params: dict[str, str | None] = {}
         self.recipients: list[Address] = []
         self.trace_headers: list[bytes] = []
+        self.check_state: object = None
         self.refusal: Refuse | None = None
         self.counts: Counter[str] = Counter()
         self._raw_replies = True  # the greeting carries no enhanced code
@@ -233,6 +239,7 @@ class Session(SMTP):  # type: ignore[misc]
         self.mail_params = {}
         self.recipients = []
         self.trace_headers = []
+        self.check_state = None
 
     # ---- AUTH ---------------------------------------------------------------
 
@@ -373,7 +380,7 @@ class Session(SMTP):  # type: ignore[misc]
         if verdict is not None:
             return verdict.reply()
         assert self.session is not None
-        verdict, trace = await services.checks.at_mail(
+        verdict, trace, self.check_state = await services.checks.at_mail(
             self.client, self.session.host_name, sender, self.user is not None or self._may_relay()
         )
         if verdict is not None:
@@ -470,7 +477,7 @@ class Session(SMTP):  # type: ignore[misc]
         submitted = self.user is not None or self._may_relay()
         assert self.session is not None
         verdict, message = await services.checks.at_data(
-            self.client, self.session.host_name, self.sender, submitted, message
+            self.client, self.session.host_name, self.sender, submitted, message, self.check_state
         )
         if verdict is not None:
             raise _Refused(verdict.reply())

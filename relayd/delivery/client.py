@@ -1,0 +1,570 @@
+"""The outbound SMTP client: one session to one address of one next hop.
+
+Written on asyncio streams rather than aiosmtplib, for three reasons:
+
+- ``verify`` and ``tls_verify`` dial an address that DNS gave us but must
+  check the certificate against the MX (or route) *name*. aiosmtplib uses
+  the dialled host as the TLS server name for implicit TLS, so it would
+  check the certificate against an IP address.
+- PIPELINING (RFC 2920): MAIL, every RCPT and DATA go out in one write and
+  their replies are read in order, one round trip instead of N+2.
+- Every reply goes through ``reply.py``, so there is one parser and one
+  place that decides what a code means; 4xx and 5xx are values here, not
+  exceptions to catch.
+
+What the caller sees: ``open_session`` either returns a ready ``Session``
+(greeted, EHLO done, TLS and AUTH as the policy asks) or raises
+``SessionError``, which means "try the next address or MX". ``Session.send``
+never raises for anything the server says: it returns one Outcome per
+recipient, and a lost connection or timeout becomes a temporary Outcome for
+every recipient not yet answered.
+
+TLS policy (``[delivery] tls`` and ``[[route]] tls``):
+
+- ``opportunistic``: STARTTLS when offered, any certificate. If the TLS
+  handshake fails, the same address is retried once in clear text at once,
+  as Postfix does for its ``may`` level: opportunistic TLS only ever guards
+  against passive eavesdropping (RFC 7435), and a server with a broken TLS
+  stack should still get its mail rather than have it wait for days.
+- ``required``: STARTTLS must be offered and succeed (any certificate unless
+  ``verify``); otherwise the hop fails with 4.7.4 / 4.7.5 and nothing is sent.
+- ``implicit``: TLS from the first byte (port 465), same verification rules.
+- ``none``: clear text, STARTTLS is never tried.
+
+AUTH (PLAIN, else LOGIN) is only ever sent inside TLS. A message with 8-bit
+data goes out with BODY=8BITMIME when offered, and as it is when not: MIME
+down-conversion would break DKIM signatures, and servers that choke on 8-bit
+data are rarer today than ones that check signatures. SMTPUTF8 is asked for
+when the envelope has non-ASCII addresses (if it is not offered, those
+recipients fail with 5.6.7, since there is no faithful downgrade) and also
+when the submitting client used it, if offered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+from relayd.config import DeliveryConfig, Route
+from relayd.delivery.reply import (
+    DeliveryError,
+    MalformedReply,
+    Outcome,
+    Reply,
+    ehlo_extensions,
+    parse_line,
+    parse_reply,
+    size_limit,
+)
+
+TLSMode = Literal["none", "opportunistic", "required", "implicit"]
+TLSContextFactory = Callable[[bool, Path | None], ssl.SSLContext]
+
+_MAX_REPLY_LINES = 1000
+_READ_LIMIT = 64 * 1024
+_QUIT_TIMEOUT = 2.0
+
+
+@dataclass(frozen=True)
+class TLSPolicy:
+    """How to protect one session; ``verify`` checks the cert against the host name."""
+
+    mode: TLSMode
+    verify: bool = False
+    ca_file: Path | None = None
+
+
+def tls_policy(delivery: DeliveryConfig, route: Route | None) -> TLSPolicy:
+    """The policy for a hop: the route's own settings, else ``[delivery] tls``."""
+    if route is not None:
+        if route.tls == "none":
+            return TLSPolicy("none")
+        mode: TLSMode = "implicit" if route.tls == "implicit" else "required"
+        return TLSPolicy(mode, route.tls_verify, route.ca_file)
+    if delivery.tls == "verify":
+        return TLSPolicy("required", verify=True)
+    if delivery.tls == "required":
+        return TLSPolicy("required")
+    if delivery.tls == "none":
+        return TLSPolicy("none")
+    return TLSPolicy("opportunistic")
+
+
+def default_tls_context(verify: bool, ca_file: Path | None) -> ssl.SSLContext:
+    """The system trust store (plus ``ca_file``) when verifying; anything otherwise."""
+    if verify:
+        ctx = ssl.create_default_context()
+        if ca_file is not None:
+            ctx.load_verify_locations(cafile=str(ca_file))
+        return ctx
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def load_credentials(route: Route | None) -> tuple[str, str] | None:
+    """(username, password) for a route that authenticates; read at each connect.
+
+    Reading it each time lets an operator rotate the password without a
+    reload. A missing or unreadable file defers (4.3.5): mail waits for the
+    fix instead of going out unauthenticated.
+    """
+    if route is None or route.username is None:
+        return None
+    if route.password_file is None:
+        raise DeliveryError(Outcome.temp("4.3.5", "route has a username but no password_file"))
+    try:
+        text = route.password_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DeliveryError(Outcome.temp("4.3.5", f"cannot read route password_file: {e}")) from e
+    lines = text.splitlines()
+    return route.username, (lines[0].strip() if lines else "")
+
+
+def encode_data(data: bytes) -> bytes:
+    """The message as it goes on the wire after DATA: CR LF lines, dot-stuffed, ended.
+
+    Lines ending in a bare LF are given CR LF; the spool should not hold
+    any, but a stray one must not end the message early on the remote side.
+    """
+    if not data:
+        return b".\r\n"
+    text = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    if not text.endswith(b"\r\n"):
+        text += b"\r\n"
+    if text.startswith(b"."):
+        text = b"." + text
+    return text.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+
+
+def needs_smtputf8(sender: str, recipients: list[str]) -> bool:
+    return not (sender.isascii() and all(r.isascii() for r in recipients))
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where one session goes and how: ``host`` is the name TLS is checked against."""
+
+    host: str
+    address: str
+    port: int
+    helo: str
+    tls: TLSPolicy
+    context: ssl.SSLContext | None = None
+    credentials: tuple[str, str] | None = None
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+
+    @property
+    def where(self) -> str:
+        return f"{self.host}[{self.address}]:{self.port}"
+
+
+class SessionError(DeliveryError):
+    """The session could not be set up or kept up: try the next address or MX."""
+
+
+class _TLSFailed(SessionError):
+    """The TLS handshake itself failed (opportunistic TLS may go on in clear)."""
+
+
+class _Broken(Exception):
+    """The connection is gone or unusable; carries the Outcome for what's unanswered."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.reply)
+        self.outcome = outcome
+
+
+class Session:
+    """A greeted, ready SMTP session; use ``open_session`` to get one."""
+
+    def __init__(
+        self, endpoint: Endpoint, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.endpoint = endpoint
+        self._reader = reader
+        self._writer = writer
+        self.extensions: dict[str, str] = {}
+        self.messages = 0
+        self._broken = False
+
+    # -- state -------------------------------------------------------------
+
+    @property
+    def address(self) -> str:
+        return self.endpoint.address
+
+    @property
+    def tls_version(self) -> str | None:
+        """"TLSv1.3" and the like, or None for clear text."""
+        obj = self._writer.get_extra_info("ssl_object")
+        return obj.version() if isinstance(obj, ssl.SSLObject | ssl.SSLSocket) else None
+
+    @property
+    def usable(self) -> bool:
+        return not self._broken and not self._writer.is_closing()
+
+    # -- wire --------------------------------------------------------------
+
+    async def _write(self, data: bytes, doing: str) -> None:
+        try:
+            self._writer.write(data)
+            async with asyncio.timeout(self.endpoint.command_timeout):
+                await self._writer.drain()
+        except TimeoutError as e:
+            raise self._fail(f"timed out while {doing}") from e
+        except (OSError, ConnectionError) as e:
+            raise self._fail(f"lost connection while {doing}: {e}") from e
+
+    async def _command(self, line: str) -> None:
+        await self._write(line.encode("utf-8") + b"\r\n", f"sending {line.split(' ')[0]}")
+
+    async def _read(self, doing: str) -> Reply:
+        """One whole reply, within command_timeout."""
+        lines: list[str] = []
+        try:
+            async with asyncio.timeout(self.endpoint.command_timeout):
+                while len(lines) < _MAX_REPLY_LINES:
+                    raw = await self._reader.readline()
+                    if not raw.endswith(b"\n"):
+                        raise self._fail(f"lost connection while {doing}")
+                    lines.append(raw.decode("utf-8", errors="replace"))
+                    if parse_line(lines[-1]).last:
+                        return self._note(parse_reply(lines))
+        except TimeoutError as e:
+            raise self._fail(f"timed out while {doing}") from e
+        except (MalformedReply, ValueError) as e:
+            raise self._fail(f"malformed reply while {doing}: {e}", "4.5.0") from e
+        except (OSError, ConnectionError) as e:
+            raise self._fail(f"lost connection while {doing}: {e}") from e
+        raise self._fail(f"reply too long while {doing}", "4.5.0")
+
+    def _note(self, reply: Reply) -> Reply:
+        """A 421 means the server is closing the session (RFC 5321 3.8): never reuse it."""
+        if reply.code == 421:
+            self.abort()
+        return reply
+
+    async def _ask(self, line: str, doing: str) -> Reply:
+        await self._command(line)
+        return await self._read(doing)
+
+    def _fail(self, text: str, enhanced: str = "4.4.2") -> _Broken:
+        self.abort()
+        return _Broken(Outcome.temp(enhanced, f"{self.endpoint.where}: {text}"))
+
+    # -- session setup -----------------------------------------------------
+
+    async def _greet(self) -> None:
+        greeting = await self._read("waiting for the greeting")
+        if greeting.code != 220:
+            raise self._refuse(greeting, "greeted us with")
+        await self._ehlo()
+
+    async def _ehlo(self) -> None:
+        reply = await self._ask(f"EHLO {self.endpoint.helo}", "waiting for the reply to EHLO")
+        if reply.code == 250:
+            self.extensions = ehlo_extensions(reply)
+            return
+        if not reply.permanent:
+            raise self._refuse(reply, "refused EHLO with")
+        reply = await self._ask(f"HELO {self.endpoint.helo}", "waiting for the reply to HELO")
+        if reply.code != 250:
+            raise self._refuse(reply, "refused HELO with")
+        self.extensions = {}
+
+    def _refuse(self, reply: Reply, how: str) -> SessionError:
+        self.abort()
+        text = f"{self.endpoint.where} {how}: {reply.line()}"
+        return SessionError(replace(Outcome.refused(reply), reply=text))
+
+    async def _starttls(self) -> None:
+        """STARTTLS as the policy wants; returns in clear only where that is allowed."""
+        mode = self.endpoint.tls.mode
+        if mode not in ("opportunistic", "required"):
+            return
+        if "STARTTLS" not in self.extensions:
+            if mode == "required":
+                raise self._refuse_tls("4.7.4", "TLS is required, but was not offered")
+            return
+        reply = await self._ask("STARTTLS", "waiting for the reply to STARTTLS")
+        if reply.code != 220:
+            if mode == "required":
+                raise self._refuse_tls("4.7.4", f"STARTTLS refused: {reply.line()}")
+            return
+        await self._handshake()
+        await self._ehlo()
+
+    async def _handshake(self) -> None:
+        ep = self.endpoint
+        assert ep.context is not None
+        try:
+            await self._writer.start_tls(
+                ep.context, server_hostname=ep.host, ssl_handshake_timeout=ep.connect_timeout
+            )
+        except (ssl.SSLError, OSError, ConnectionError, TimeoutError) as e:
+            self.abort()
+            text = f"{ep.where}: TLS handshake failed: {_tls_error(e)}"
+            raise _TLSFailed(Outcome.temp("4.7.5", text)) from e
+
+    def _refuse_tls(self, enhanced: str, text: str) -> SessionError:
+        self.abort()
+        return SessionError(Outcome.temp(enhanced, f"{self.endpoint.where}: {text}"))
+
+    async def _auth(self) -> None:
+        creds = self.endpoint.credentials
+        if creds is None:
+            return
+        if self.tls_version is None:
+            raise self._refuse_tls("4.7.4", "refusing to send AUTH over clear text")
+        mechs = self.extensions.get("AUTH", "").upper().split()
+        if "PLAIN" in mechs:
+            reply = await self._auth_plain(*creds)
+        elif "LOGIN" in mechs:
+            reply = await self._auth_login(*creds)
+        else:
+            raise self._refuse_tls("4.7.4", "AUTH PLAIN or LOGIN is not offered")
+        if reply.code != 235:
+            # Our credentials are ours to fix: defer, never bounce.
+            self.abort()
+            text = f"{self.endpoint.where} refused AUTH: {reply.line()}"
+            raise SessionError(replace(Outcome.of(reply).softened(), reply=text))
+
+    async def _auth_plain(self, user: str, password: str) -> Reply:
+        token = _b64(f"\0{user}\0{password}")
+        reply = await self._ask(f"AUTH PLAIN {token}", "waiting for the reply to AUTH")
+        if reply.code == 334:  # a server that ignores the initial response
+            reply = await self._ask(token, "waiting for the reply to AUTH")
+        return reply
+
+    async def _auth_login(self, user: str, password: str) -> Reply:
+        reply = await self._ask("AUTH LOGIN", "waiting for the reply to AUTH")
+        for secret in (user, password):
+            if reply.code != 334:
+                return reply
+            reply = await self._ask(_b64(secret), "waiting for the reply to AUTH")
+        return reply
+
+    # -- one message -------------------------------------------------------
+
+    async def send(
+        self,
+        sender: str,
+        recipients: list[str],
+        data: bytes,
+        *,
+        smtputf8: bool = False,
+        body_8bit: bool = False,
+    ) -> dict[str, Outcome]:
+        """Offer one message to ``recipients``; one Outcome per recipient, never raises."""
+        refusal = self._precheck(sender, recipients, data)
+        if refusal is not None:
+            return dict.fromkeys(recipients, refusal)
+        self.messages += 1
+        outcomes: dict[str, Outcome] = {}
+        try:
+            await self._transaction(sender, recipients, data, smtputf8, body_8bit, outcomes)
+        except _Broken as e:
+            for rcpt in recipients:
+                outcomes.setdefault(rcpt, e.outcome)
+        return outcomes
+
+    def _precheck(self, sender: str, recipients: list[str], data: bytes) -> Outcome | None:
+        """What this server cannot take, found before a byte is sent."""
+        if needs_smtputf8(sender, recipients) and "SMTPUTF8" not in self.extensions:
+            text = f"{self.endpoint.where}: SMTPUTF8 is required, but was not offered"
+            return Outcome.perm("5.6.7", text)
+        limit = size_limit(self.extensions)
+        if limit is not None and len(data) > limit:
+            text = f"{self.endpoint.where}: message size {len(data)} exceeds size limit {limit}"
+            return Outcome.perm("5.3.4", text)
+        return None
+
+    def _mail_command(self, sender: str, size: int, utf8: bool, body_8bit: bool) -> str:
+        params = []
+        if "SIZE" in self.extensions:
+            params.append(f"SIZE={size}")
+        if body_8bit and "8BITMIME" in self.extensions:
+            params.append("BODY=8BITMIME")
+        if utf8 and "SMTPUTF8" in self.extensions:
+            params.append("SMTPUTF8")
+        return " ".join([f"MAIL FROM:<{sender}>", *params])
+
+    async def _transaction(
+        self,
+        sender: str,
+        recipients: list[str],
+        data: bytes,
+        smtputf8: bool,
+        body_8bit: bool,
+        outcomes: dict[str, Outcome],
+    ) -> None:
+        utf8 = smtputf8 or needs_smtputf8(sender, recipients)
+        mail = self._mail_command(sender, len(data), utf8, body_8bit or not data.isascii())
+        rcpts = [f"RCPT TO:<{r}>" for r in recipients]
+        exchange = self._pipelined if "PIPELINING" in self.extensions else self._lockstep
+        mail_reply, rcpt_replies, data_reply = await exchange(mail, rcpts)
+        if mail_reply.code // 100 != 2:
+            outcomes.update(dict.fromkeys(recipients, Outcome.refused(mail_reply)))
+            await self._end_refused_data(data_reply)
+            return
+        accepted = _accepted(recipients, rcpt_replies, outcomes)
+        if not accepted or data_reply is None:
+            await self._end_refused_data(data_reply)
+            return
+        if data_reply.code != 354:
+            outcomes.update(dict.fromkeys(accepted, Outcome.refused(data_reply)))
+            return
+        await self._write(encode_data(data), "sending the message")
+        final = await self._read("waiting for the reply to the end of data")
+        outcomes.update(dict.fromkeys(accepted, Outcome.of(final)))
+
+    async def _pipelined(
+        self, mail: str, rcpts: list[str]
+    ) -> tuple[Reply, list[Reply], Reply | None]:
+        """RFC 2920: MAIL, RCPTs and DATA in one write, replies read in order."""
+        batch = "".join(f"{c}\r\n" for c in [mail, *rcpts, "DATA"]).encode("utf-8")
+        await self._write(batch, "sending MAIL, RCPT and DATA")
+        mail_reply = await self._read("waiting for the reply to MAIL")
+        rcpt_replies = [await self._read("waiting for the reply to RCPT") for _ in rcpts]
+        data_reply = await self._read("waiting for the reply to DATA")
+        return mail_reply, rcpt_replies, data_reply
+
+    async def _lockstep(
+        self, mail: str, rcpts: list[str]
+    ) -> tuple[Reply, list[Reply], Reply | None]:
+        mail_reply = await self._ask(mail, "waiting for the reply to MAIL")
+        if mail_reply.code // 100 != 2:
+            return mail_reply, [], None
+        rcpt_replies = [await self._ask(r, "waiting for the reply to RCPT") for r in rcpts]
+        if not any(r.code // 100 == 2 for r in rcpt_replies):
+            return mail_reply, rcpt_replies, None
+        data_reply = await self._ask("DATA", "waiting for the reply to DATA")
+        return mail_reply, rcpt_replies, data_reply
+
+    async def _end_refused_data(self, data_reply: Reply | None) -> None:
+        """A pipelined DATA that got 354 with no recipient left: send an empty end.
+
+        RFC 2920 section 3.1: the client then sends a lone dot, which a
+        correct server refuses for want of recipients.
+        """
+        if data_reply is not None and data_reply.code == 354:
+            await self._write(b".\r\n", "ending an empty message")
+            await self._read("waiting for the reply to the end of data")
+
+    # -- between and after messages ------------------------------------------
+
+    async def reset(self) -> bool:
+        """RSET before the next message; False when the session is no longer usable."""
+        if not self.usable:
+            return False
+        try:
+            reply = await self._ask("RSET", "waiting for the reply to RSET")
+        except _Broken:
+            return False
+        if reply.code != 250:
+            self.abort()
+            return False
+        return True
+
+    async def quit(self) -> None:
+        """Say goodbye politely, but never wait long for it."""
+        if self.usable:
+            with contextlib.suppress(_Broken, TimeoutError):
+                async with asyncio.timeout(_QUIT_TIMEOUT):
+                    await self._ask("QUIT", "waiting for the reply to QUIT")
+        await self.close()
+
+    async def close(self) -> None:
+        self.abort()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(_QUIT_TIMEOUT):
+                await self._writer.wait_closed()
+
+    def abort(self) -> None:
+        self._broken = True
+        if not self._writer.is_closing():
+            self._writer.close()
+
+
+def _accepted(
+    recipients: list[str], replies: list[Reply], outcomes: dict[str, Outcome]
+) -> list[str]:
+    """The recipients the server took; the refused ones get their Outcome."""
+    accepted = []
+    for rcpt, reply in zip(recipients, replies, strict=True):
+        if reply.code // 100 == 2:
+            accepted.append(rcpt)
+        else:
+            outcomes[rcpt] = Outcome.refused(reply)
+    return accepted
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
+def _tls_error(e: BaseException) -> str:
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return f"certificate verification failed: {e.verify_message}"
+    if isinstance(e, TimeoutError):
+        return "timed out"
+    return str(e) or e.__class__.__name__
+
+
+async def _connect(ep: Endpoint) -> Session:
+    implicit = ep.tls.mode == "implicit"
+    try:
+        async with asyncio.timeout(ep.connect_timeout):
+            reader, writer = await asyncio.open_connection(
+                ep.address,
+                ep.port,
+                ssl=ep.context if implicit else None,
+                server_hostname=ep.host if implicit else None,
+                ssl_handshake_timeout=ep.connect_timeout if implicit else None,
+                limit=_READ_LIMIT,
+            )
+    except ssl.SSLError as e:
+        text = f"{ep.where}: TLS handshake failed: {_tls_error(e)}"
+        raise SessionError(Outcome.temp("4.7.5", text)) from e
+    except TimeoutError as e:
+        raise SessionError(Outcome.temp("4.4.1", f"connect to {ep.where}: timed out")) from e
+    except OSError as e:
+        reason = e.strerror or str(e) or e.__class__.__name__
+        raise SessionError(Outcome.temp("4.4.1", f"connect to {ep.where}: {reason}")) from e
+    return Session(ep, reader, writer)
+
+
+async def _setup(ep: Endpoint) -> Session:
+    session = await _connect(ep)
+    try:
+        await session._greet()
+        await session._starttls()
+        await session._auth()
+    except _Broken as e:
+        raise SessionError(e.outcome) from e
+    except BaseException:
+        session.abort()
+        raise
+    return session
+
+
+async def open_session(ep: Endpoint) -> Session:
+    """A ready session to ``ep``, or SessionError (try the next address or MX)."""
+    if ep.tls.mode != "none" and ep.context is None:
+        raise ValueError("a TLS policy needs an SSL context")
+    try:
+        return await _setup(ep)
+    except _TLSFailed:
+        if ep.tls.mode != "opportunistic":
+            raise
+    # Opportunistic TLS whose handshake failed: the same address, in clear.
+    return await _setup(replace(ep, tls=TLSPolicy("none"), context=None))

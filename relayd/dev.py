@@ -1,0 +1,134 @@
+"""``python -m relayd.dev DIR``: a safe local relayd to try things with.
+
+Writes, under DIR, a self-signed certificate, a config listening on
+unprivileged loopback ports (2525 inbound, 2587 submission with STARTTLS,
+2465 submission with implicit TLS), a spool, and a user ``dev`` whose
+password is printed. Existing files are kept, so the password stays the
+same from one ``make run`` to the next.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import secrets
+import sys
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+HOSTNAME = "localhost"
+
+CONFIG = """\
+# relayd development config, written by `make run`. See etc/relayd.toml for every key.
+hostname = "{hostname}"
+
+[[listener]]
+name = "inbound"
+address = "127.0.0.1:2525"
+mode = "inbound"
+tls = "starttls"
+
+[[listener]]
+name = "submission"
+address = "127.0.0.1:2587"
+mode = "submission"
+tls = "starttls"
+
+[[listener]]
+name = "submissions"
+address = "127.0.0.1:2465"
+mode = "submission"
+tls = "implicit"
+
+[tls]
+cert = "tls/cert.pem"
+key = "tls/key.pem"
+
+[auth]
+users_file = "users"
+
+[spool]
+path = "spool"
+
+[control]
+socket = "run/control.sock"
+
+[logging]
+target = "stderr"
+"""
+
+
+def self_signed(cert_path: Path, key_path: Path, hostname: str) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=825))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName(hostname), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_path.chmod(0o600)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def setup(root: Path) -> str:
+    """Create what is missing under ``root``; return the dev user's password."""
+    from relayd import users
+
+    (root / "tls").mkdir(parents=True, exist_ok=True)
+    (root / "run").mkdir(exist_ok=True)
+    cert, key = root / "tls" / "cert.pem", root / "tls" / "key.pem"
+    if not cert.exists() or not key.exists():
+        self_signed(cert, key, HOSTNAME)
+    config = root / "relayd.toml"
+    if not config.exists():
+        config.write_text(CONFIG.format(hostname=HOSTNAME))
+    secret = root / "dev-password"
+    if not secret.exists():
+        password = secrets.token_urlsafe(12)
+        users.cmd_user_add(root / "users", "dev", password, ["*@*"])
+        secret.write_text(password + "\n")
+        secret.chmod(0o600)
+    return secret.read_text().strip()
+
+
+def main() -> int:
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "var").resolve()
+    password = setup(root)
+    rel = Path(sys.argv[1] if len(sys.argv) > 1 else "var")
+    print(f"""relayd development instance ({rel}/relayd.toml)
+  inbound     127.0.0.1:2525  (STARTTLS optional)
+  submission  127.0.0.1:2587  (STARTTLS, then AUTH)
+  submissions 127.0.0.1:2465  (implicit TLS, AUTH)
+  user dev, password {password}   (may send as any address)
+Try: swaks --server 127.0.0.1:2587 --tls --auth-user dev --auth-password {password} \\
+       --from you@localhost --to someone@example.org
+     .venv/bin/relayctl --config {rel}/relayd.toml queue
+""", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,357 @@
+"""Rate limits, failed-AUTH throttling and connection counts.
+
+Message limits use a sliding-window counter per key: the count in the
+current fixed window plus the previous window's count weighted by how much
+of it still overlaps the sliding window. That is two integers per key, yet
+it never lets much more than the limit through in any window, and it gives
+an exact "try again in N seconds" under its own model. Tables are kept in
+least-recently-used order: idle keys expire after two windows, and when a
+flood of distinct clients fills a table to its cap the least recently seen
+key is dropped. Memory is therefore bounded; the price is that a flood can
+reset the count of a quiet key, never that a busy one escapes its limit
+for long.
+
+IPv6 clients are counted per /64, since one host usually holds a whole
+/64 and could otherwise change address for every message.
+
+All state lives in plain objects driven by an explicit ``now`` (monotonic
+seconds), so tests use a fake clock and nothing here sleeps or locks: the
+session calls these from the event loop only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+from relayd.config import AuthConfig, Limits, Rate, RateLimits
+from relayd.policy.verdict import Refuse, Verdict
+
+DEFAULT_MAX_KEYS = 50_000
+
+LIMIT_NAMES = ("per_ip", "per_user", "per_sender_domain")
+
+# Slack for float rounding, so a client coming back exactly when told is let in.
+_EPSILON = 1e-9
+
+
+def client_key(ip: str) -> str:
+    """The key a client is counted under: its IPv4 address, or its IPv6 /64."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip.lower()
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+def rate_text(rate: Rate) -> str:
+    """``Rate(100, 3600)`` → "100/hour" (the text the operator wrote, when known)."""
+    if rate.text:
+        return rate.text
+    units = {1.0: "second", 60.0: "minute", 3600.0: "hour", 86400.0: "day"}
+    unit = units.get(float(rate.per_seconds))
+    return f"{rate.count}/{unit}" if unit else f"{rate.count}/{rate.per_seconds:g}s"
+
+
+class _Window:
+    """Counts in the current and the previous fixed window of one key."""
+
+    __slots__ = ("current", "previous", "seen", "start")
+
+    def __init__(self, now: float) -> None:
+        self.start = now
+        self.current = 0
+        self.previous = 0
+        self.seen = now
+
+    def roll(self, now: float, width: float) -> None:
+        """Move the windows forward to the one containing ``now``."""
+        steps = math.floor((now - self.start) / width) if now > self.start else 0
+        if steps >= 2:
+            self.previous, self.current = 0, 0
+        elif steps == 1:
+            self.previous, self.current = self.current, 0
+        self.start += steps * width
+
+    def estimate(self, now: float, width: float) -> float:
+        overlap = 1.0 - (now - self.start) / width
+        return self.previous * max(0.0, overlap) + self.current
+
+    def wait(self, now: float, rate: Rate) -> float:
+        """Seconds until one more message fits (0 if one fits now)."""
+        width, room = rate.per_seconds, rate.count - 1
+        if self.estimate(now, width) <= room + _EPSILON:
+            return 0.0
+        if self.current <= room and self.previous > 0:
+            free_at = self.start + width * (1.0 - (room - self.current) / self.previous)
+        else:  # only the next window can have room
+            share = max(0.0, 1.0 - room / self.current) if self.current else 0.0
+            free_at = self.start + width + width * share
+        return max(0.0, free_at - now)
+
+
+class _Table:
+    """One limit's windows, per key, bounded to ``max_keys`` in LRU order."""
+
+    def __init__(self, max_keys: int) -> None:
+        self.max_keys = max_keys
+        self.windows: OrderedDict[str, _Window] = OrderedDict()
+
+    def expire(self, now: float, width: float) -> None:
+        while self.windows:
+            oldest = next(iter(self.windows.values()))
+            if now - oldest.seen < 2 * width:
+                break
+            self.windows.popitem(last=False)
+
+    def wait(self, key: str, now: float, rate: Rate) -> float:
+        window = self.windows.get(key)
+        if window is None:
+            return 0.0 if rate.count >= 1 else math.inf
+        window.roll(now, rate.per_seconds)
+        return window.wait(now, rate)
+
+    def record(self, key: str, now: float, rate: Rate) -> None:
+        window = self.windows.get(key)
+        if window is None:
+            window = self.windows[key] = _Window(now)
+            while len(self.windows) > self.max_keys:
+                self.windows.popitem(last=False)
+        window.roll(now, rate.per_seconds)
+        window.current += 1
+        window.seen = now
+        self.windows.move_to_end(key)
+
+
+@dataclass(frozen=True)
+class _Hit:
+    name: str
+    key: str
+    rate: Rate
+    wait: float
+
+
+class RateLimiter:
+    """Message limits per client IP, per authenticated user and per sender domain.
+
+    They apply to every client, ``[relay] networks`` included: a compromised
+    host inside the network is exactly what they are for.
+    """
+
+    def __init__(self, limits: RateLimits, max_keys: int = DEFAULT_MAX_KEYS) -> None:
+        self.limits = limits
+        self.max_keys = max_keys
+        self._tables = {name: _Table(max_keys) for name in LIMIT_NAMES}
+
+    def reconfigure(self, limits: RateLimits) -> None:
+        """Take new limits on reload; counts so far are kept."""
+        self.limits = limits
+        for name in LIMIT_NAMES:
+            if getattr(limits, name) is None:
+                self._tables[name].windows.clear()
+
+    def tracked(self) -> int:
+        """Keys held across all limits (for tests and metrics)."""
+        return sum(len(table.windows) for table in self._tables.values())
+
+    def _applicable(
+        self, ip: str, user: str | None, sender_domain: str | None
+    ) -> list[tuple[str, str, Rate]]:
+        keys = {
+            "per_ip": client_key(ip),
+            "per_user": user.lower() if user else None,
+            "per_sender_domain": sender_domain.lower().rstrip(".") if sender_domain else None,
+        }
+        out: list[tuple[str, str, Rate]] = []
+        for name in LIMIT_NAMES:
+            rate, key = getattr(self.limits, name), keys[name]
+            if rate is not None and key:
+                out.append((name, key, rate))
+        return out
+
+    def check(
+        self, now: float, ip: str, user: str | None = None, sender_domain: str | None = None
+    ) -> Verdict:
+        """Refuse with 450 4.7.1 if any limit is reached; otherwise count this message.
+
+        A refused message is not counted, so a client retrying too early
+        does not push its own release further away.
+        """
+        applicable = self._applicable(ip, user, sender_domain)
+        hits: list[_Hit] = []
+        for name, key, rate in applicable:
+            table = self._tables[name]
+            table.expire(now, rate.per_seconds)
+            wait = table.wait(key, now, rate)
+            if wait > 0:
+                hits.append(_Hit(name, key, rate, wait))
+        if hits:
+            return _refusal(max(hits, key=lambda hit: hit.wait))
+        for name, key, rate in applicable:
+            self._tables[name].record(key, now, rate)
+        return None
+
+
+def _refusal(hit: _Hit) -> Refuse:
+    seconds = math.ceil(hit.wait) if math.isfinite(hit.wait) else 0
+    label = hit.name.replace("_", " ")
+    return Refuse(
+        450,
+        "4.7.1",
+        f"rate limit {label} ({rate_text(hit.rate)}) reached for {hit.key}, "
+        f"try again in {seconds}s",
+    )
+
+
+class AuthThrottle:
+    """Failed AUTH attempts per client: slow down replies, then refuse the client.
+
+    After ``max_failures`` failures within ``failure_window`` seconds the
+    client is blocked (the session answers 421 4.7.0) until the oldest of
+    them is older than the window. Each earlier failure doubles the delay
+    before the next reply, from ``base_delay`` up to ``max_delay``.
+    """
+
+    def __init__(
+        self,
+        max_failures: int = 5,
+        failure_window: float = 300.0,
+        max_keys: int = DEFAULT_MAX_KEYS,
+        base_delay: float = 0.5,
+        max_delay: float = 8.0,
+    ) -> None:
+        self.max_failures = max(1, max_failures)
+        self.failure_window = failure_window
+        self.max_keys = max_keys
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    @classmethod
+    def from_config(cls, cfg: AuthConfig, max_keys: int = DEFAULT_MAX_KEYS) -> AuthThrottle:
+        return cls(cfg.max_failures, cfg.failure_window, max_keys)
+
+    def reconfigure(self, cfg: AuthConfig) -> None:
+        """Take new thresholds on reload; recorded failures are kept."""
+        self.max_failures = max(1, cfg.max_failures)
+        self.failure_window = cfg.failure_window
+        for key, times in list(self._failures.items()):
+            self._failures[key] = deque(times, maxlen=self.max_failures)
+
+    def tracked(self) -> int:
+        return len(self._failures)
+
+    def _expire(self, now: float) -> None:
+        while self._failures:
+            newest = next(iter(self._failures.values()))[-1]
+            if now - newest < self.failure_window:
+                break
+            self._failures.popitem(last=False)
+
+    def _recent(self, now: float, ip: str) -> list[float]:
+        self._expire(now)
+        times = self._failures.get(client_key(ip), ())
+        return [t for t in times if now - t < self.failure_window]
+
+    def failure(self, now: float, ip: str) -> None:
+        """Record one failed AUTH attempt."""
+        self._expire(now)
+        key = client_key(ip)
+        times = self._failures.get(key)
+        if times is None:
+            times = self._failures[key] = deque(maxlen=self.max_failures)
+            while len(self._failures) > self.max_keys:
+                self._failures.popitem(last=False)
+        times.append(now)
+        self._failures.move_to_end(key)
+
+    def success(self, ip: str) -> None:
+        """A successful AUTH clears the client's record."""
+        self._failures.pop(client_key(ip), None)
+
+    def delay(self, now: float, ip: str) -> float:
+        """Seconds to wait before answering this client's next AUTH."""
+        count = len(self._recent(now, ip))
+        if count == 0:
+            return 0.0
+        return float(min(self.max_delay, self.base_delay * 2 ** (count - 1)))
+
+    def blocked(self, now: float, ip: str) -> bool:
+        """True once the client has used up its failures in the window."""
+        return len(self._recent(now, ip)) >= self.max_failures
+
+    def retry_after(self, now: float, ip: str) -> float:
+        """Seconds until a blocked client may try again (0 if not blocked)."""
+        recent = self._recent(now, ip)
+        if len(recent) < self.max_failures:
+            return 0.0
+        return max(0.0, recent[0] + self.failure_window - now)
+
+
+class ConnectionCounter:
+    """Open connections in total and per client, against ``[limits]``.
+
+    Memory is bounded by the connections themselves: a client's entry goes
+    away with its last connection.
+    """
+
+    def __init__(self, max_total: int, max_per_ip: int) -> None:
+        self.max_total = max_total
+        self.max_per_ip = max_per_ip
+        self.total = 0
+        self._per_ip: dict[str, int] = {}
+
+    @classmethod
+    def from_config(cls, limits: Limits) -> ConnectionCounter:
+        return cls(limits.max_connections, limits.max_connections_per_ip)
+
+    def reconfigure(self, limits: Limits) -> None:
+        """New maxima apply to new connections; open ones stay counted."""
+        self.max_total = limits.max_connections
+        self.max_per_ip = limits.max_connections_per_ip
+
+    def count(self, ip: str) -> int:
+        return self._per_ip.get(client_key(ip), 0)
+
+    def tracked(self) -> int:
+        return len(self._per_ip)
+
+    def acquire(self, ip: str) -> Verdict:
+        """Count a new connection, or refuse it with 421 4.7.0 (nothing is counted then)."""
+        key = client_key(ip)
+        if self.total >= self.max_total:
+            return Refuse(421, "4.7.0", "too many connections, try again later")
+        if self._per_ip.get(key, 0) >= self.max_per_ip:
+            return Refuse(421, "4.7.0", f"too many connections from {key}, try again later")
+        self.total += 1
+        self._per_ip[key] = self._per_ip.get(key, 0) + 1
+        return None
+
+    def release(self, ip: str) -> None:
+        """Forget one connection counted by a successful :meth:`acquire`."""
+        key = client_key(ip)
+        left = self._per_ip.get(key, 0) - 1
+        if left < 0:
+            return  # not acquired (or already released): never go negative
+        self.total -= 1
+        if left:
+            self._per_ip[key] = left
+        else:
+            del self._per_ip[key]
+
+
+__all__ = [
+    "DEFAULT_MAX_KEYS",
+    "LIMIT_NAMES",
+    "AuthThrottle",
+    "ConnectionCounter",
+    "RateLimiter",
+    "client_key",
+    "rate_text",
+]

@@ -1,0 +1,619 @@
+"""The durable spool: where a message lives from ``250 queued as`` to removal.
+
+How this works
+--------------
+Under the spool root (directories mode 0700, files 0600)::
+
+    tmp/      files being written; anything found here at start is garbage
+    queue/    ID        one immutable file per message
+    state/    ID.json   the envelope as changed since accept (attempts, hold)
+    corrupt/  files recovery could not read, kept for the operator
+
+A queue file is a header line ``RELAYD1 <json-length> <data-length>\\n``, the
+envelope JSON as accepted, ``\\n``, then the message bytes exactly as received.
+The data length is there so that a file torn by a crashed file system is
+recognised (its size does not add up) instead of being delivered truncated.
+One file per message means one data fsync per message on the accept path.
+
+Accept (``commit``): a worker thread writes tmp/ID and fdatasyncs it; then the
+group committer renames every file that is ready into queue/ and fsyncs queue/
+once for the whole batch, and only then wakes the callers. That directory
+fsync is the commit point: after it the message survives any crash and the
+session may answer 250. A crash before the rename leaves a file in tmp/ that
+recovery deletes (the client got no 250 and retries). A crash after the rename
+but before the directory fsync leaves the message either absent or complete in
+queue/ (its data was synced before the rename); if present it is delivered,
+at worst a duplicate of the client's retry, never a loss. A failure anywhere
+(EFBIG, ENOSPC, EIO) unlinks what this caller wrote and raises SpoolError;
+if the directory fsync itself fails, every message of that batch is unlinked
+from queue/ again before the callers see SpoolError, so a message answered
+with 451 is never delivered.
+
+Later changes (``update``) go to state/ID.json by tmp + fdatasync + rename +
+fsync of state/; a crash leaves the old or the new state, never a mix, and
+the state file, when present, overrides the envelope in the queue file.
+``remove`` unlinks queue/ID, fsyncs queue/, and only then unlinks
+state/ID.json. A crash in between leaves a state file without its message,
+which recovery deletes; the opposite order could leave the message with its
+as-accepted envelope and deliver again to recipients already sent.
+
+At start ``recover`` empties tmp/, moves unreadable queue files (bad header,
+size that does not add up) to corrupt/ with a warning, deletes state files
+whose message is gone, moves an unreadable state file to corrupt/ and falls
+back to the accepted envelope (at least once, never lost), and returns every
+entry by queue id, i.e. by arrival.
+
+Group commit, measured
+----------------------
+Every durable step is fsync-bound, so concurrent sessions share the costs:
+the per-message data fsyncs run in parallel threads (the file system merges
+them into the same journal commits) and one directory fsync covers a batch.
+On a 2-core VM on ext4 (virtio disk), 2 KB messages, a few seconds each:
+
+    20 committers, data fsync in 20 threads, one dir fsync per batch  ~NNN msg/s
+    20 committers, data fsync sequential in the batch thread          ~NNN msg/s
+    1 committer                                                       ~NNN msg/s
+
+TODO numbers. fdatasync and fsync cost the same for a new file (its size
+must be synced either way); fdatasync is kept as it never does more work.
+Directories are flat: ext4 and xfs index large directories, and a hashed
+tree would add a directory fsync per subdirectory touched by a batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from relayd.spool.model import Envelope
+from relayd.spool.queueid import is_queue_id
+
+log = logging.getLogger("relayd.qmgr")
+
+MAGIC = b"RELAYD1"
+_HEADER_MAX = 64  # "RELAYD1 " + two decimal lengths + "\n" always fits
+_WRITE_THREADS = 20
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
+_STATE_SUFFIX = ".json"
+
+
+class SpoolError(Exception):
+    """A write to the spool failed and nothing of it was left behind (answer 451 4.3.0)."""
+
+
+class CorruptEntry(ValueError):
+    """A queue file exists but cannot be read back; recover() moves it to corrupt/."""
+
+
+@dataclass
+class SpoolStats:
+    """Counters that show whether group commit is working (dir_syncs << commits)."""
+
+    commits: int = 0
+    updates: int = 0
+    removes: int = 0
+    batches: int = 0  # rounds of the group committer
+    file_syncs: int = 0
+    dir_syncs: int = 0
+
+
+# --- the file format -------------------------------------------------------
+
+
+def encode_header(envelope: Envelope, data_size: int) -> bytes:
+    """Header line, envelope JSON and separator: everything before the data.
+
+    ASCII-only JSON so that any str the session produced (even lone
+    surrogates from undecodable bytes) round-trips exactly.
+    """
+    body = json.dumps(envelope.to_dict(), separators=(",", ":")).encode("ascii")
+    return b"%s %d %d\n%s\n" % (MAGIC, len(body), data_size, body)
+
+
+def _parse_first_line(head: bytes) -> tuple[int, int, int]:
+    """(header length, JSON length, data length) from the start of a queue file."""
+    end = head.find(b"\n", 0, _HEADER_MAX)
+    if end < 0:
+        raise CorruptEntry("no header line")
+    fields = head[:end].split(b" ")
+    if len(fields) != 3 or fields[0] != MAGIC or not all(f.isdigit() for f in fields[1:]):
+        raise CorruptEntry(f"bad header line {head[:end]!r}")
+    return end + 1, int(fields[1]), int(fields[2])
+
+
+def _parse_envelope(body: bytes) -> Envelope:
+    try:
+        value: Any = json.loads(body)
+        if not isinstance(value, dict):
+            raise ValueError("envelope is not a JSON object")
+        return Envelope.from_dict(value)
+    except (ValueError, TypeError) as e:
+        raise CorruptEntry(f"bad envelope: {e}") from e
+
+
+def decode_header(blob: bytes, file_size: int) -> tuple[Envelope, int]:
+    """(envelope, offset of the data) from a queue file's first bytes.
+
+    ``blob`` must hold at least the header and the JSON; ``file_size`` is the
+    whole file's size, checked against the lengths the header announces.
+    """
+    start, json_len, data_len = _parse_first_line(blob)
+    offset = start + json_len + 1
+    if file_size != offset + data_len:
+        raise CorruptEntry(f"size {file_size} does not match header ({offset + data_len})")
+    if len(blob) < offset or blob[offset - 1 : offset] != b"\n":
+        raise CorruptEntry("envelope not terminated")
+    return _parse_envelope(blob[start : offset - 1]), offset
+
+
+# --- blocking helpers (always run in a worker thread) ------------------------
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _write_file(path: str, parts: Sequence[bytes]) -> None:
+    """Create ``path``, write ``parts``, fdatasync; on any error unlink it again."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
+    try:
+        try:
+            for part in parts:
+                _write_all(fd, part)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        _unlink_quiet(path)
+        raise
+
+
+def _unlink_quiet(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def _sync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rename(src: str, dst: str) -> bool:
+    os.rename(src, dst)
+    return True
+
+
+def _unlink_if_present(path: str) -> bool:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+@dataclass(eq=False)
+class _Op:
+    """One directory change for the group committer, with what to do if it fails."""
+
+    apply: Callable[[], bool]  # False: nothing was there to change
+    dirs: tuple[str, ...]  # directories whose fsync makes ``apply`` durable
+    on_fail: Callable[[], None] | None = None  # after ``apply`` raised
+    undo: Callable[[], None] | None = None  # after a directory fsync failed
+    after: Callable[[], None] | None = None  # once durable
+    changed: bool = False
+    error: OSError | None = None
+
+
+def _run_batch(ops: Sequence[_Op]) -> int:
+    """Apply every op, fsync each directory touched once; returns the fsync count.
+
+    One op's failure touches only that op; a failed directory fsync fails (and
+    undoes) every op that depended on that directory.
+    """
+    for op in ops:
+        try:
+            op.changed = op.apply()
+        except OSError as e:
+            op.error = e
+            if op.on_fail:
+                op.on_fail()
+    dirs = sorted({d for op in ops if op.changed and op.error is None for d in op.dirs})
+    for d in dirs:
+        try:
+            _sync_dir(d)
+        except OSError as e:
+            _fail_dir(ops, d, e)
+    for op in ops:
+        if op.error is None and op.after:
+            try:
+                op.after()
+            except OSError as e:  # leftovers are recover()'s job; the op itself is durable
+                log.warning("spool cleanup failed: %s", e)
+    return len(dirs)
+
+
+def _fail_dir(ops: Sequence[_Op], d: str, error: OSError) -> None:
+    log.error("spool: fsync of %s failed: %s", d, error)
+    for op in ops:
+        if op.changed and op.error is None and d in op.dirs:
+            op.error = error
+            if op.undo:
+                op.undo()
+    with contextlib.suppress(OSError):  # make the undo durable if the disk lets us
+        _sync_dir(d)
+
+
+# --- the spool ---------------------------------------------------------------
+
+
+class Spool:
+    """The queue on disk. Construction touches nothing; ``ensure``/``recover`` create.
+
+    ``commit``, ``update`` and ``remove`` are coroutines whose disk work runs
+    in threads; the read methods are plain functions that never modify the
+    spool, so relayctl may call them on a running daemon's or a stopped one's
+    spool.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.stats = SpoolStats()
+        self._tmp = str(self.root / "tmp")
+        self._queue = str(self.root / "queue")
+        self._state = str(self.root / "state")
+        self._corrupt = str(self.root / "corrupt")
+        self._pending: list[tuple[_Op, asyncio.Future[bool]]] = []
+        self._committer: asyncio.Task[None] | None = None
+        self._writers: ThreadPoolExecutor | None = None
+        self._syncer: ThreadPoolExecutor | None = None
+        self._background: set[asyncio.Future[None]] = set()
+        self._seq = itertools.count()
+
+    # -- setup and recovery
+
+    def ensure(self) -> None:
+        """Create the root and its subdirectories (mode 0700) where missing."""
+        for d in (str(self.root), self._tmp, self._queue, self._state, self._corrupt):
+            os.makedirs(d, mode=_DIR_MODE, exist_ok=True)
+
+    def recover(self) -> list[Envelope]:
+        """Make the spool consistent after a stop or crash; every entry by arrival.
+
+        Only the daemon calls this, at start, before anything else writes.
+        """
+        self.ensure()
+        for name in os.listdir(self._tmp):
+            _unlink_quiet(os.path.join(self._tmp, name))
+        entries: dict[str, Envelope] = {}
+        for name in sorted(os.listdir(self._queue)):
+            env = self._recover_queue_file(name)
+            if env is not None:
+                entries[name] = env
+        for name in os.listdir(self._state):
+            qid = name.removesuffix(_STATE_SUFFIX)
+            if qid in entries:
+                entries[qid] = self._recover_state_file(qid, entries[qid])
+            else:
+                log.info("%s: removing state file without message", qid)
+                _unlink_quiet(os.path.join(self._state, name))
+        return [entries[qid] for qid in sorted(entries)]
+
+    def _recover_queue_file(self, name: str) -> Envelope | None:
+        try:
+            if not is_queue_id(name):
+                raise CorruptEntry("file name is not a queue id")
+            env, _, _ = self._read_head(name)
+            if env.queue_id != name:
+                raise CorruptEntry(f"envelope says queue id {env.queue_id!r}")
+            return env
+        except (CorruptEntry, KeyError, OSError) as e:
+            log.warning("%s: unreadable queue file moved to corrupt/: %s", name, e)
+            self._move_to_corrupt(os.path.join(self._queue, name), name)
+            return None
+
+    def _recover_state_file(self, qid: str, accepted: Envelope) -> Envelope:
+        try:
+            state = self._read_state(qid)
+        except CorruptEntry as e:
+            log.warning("%s: unreadable state moved to corrupt/, using the accepted envelope: %s",
+                        qid, e)
+            self._move_to_corrupt(self._state_path(qid), qid + _STATE_SUFFIX)
+            return accepted
+        return state if state is not None else accepted
+
+    def _move_to_corrupt(self, path: str, name: str) -> None:
+        """Keep what we cannot read for the operator, out of the queue's way."""
+        target = os.path.join(self._corrupt, name)
+        if os.path.lexists(target):
+            target += f".{time.time_ns()}"
+        try:
+            os.rename(path, target)
+        except OSError as e:
+            log.error("%s: cannot move to corrupt/: %s", name, e)
+
+    # -- reading (never modifies anything)
+
+    def _queue_path(self, qid: str) -> str:
+        return os.path.join(self._queue, qid)
+
+    def _state_path(self, qid: str) -> str:
+        return os.path.join(self._state, qid + _STATE_SUFFIX)
+
+    def _read_head(self, qid: str) -> tuple[Envelope, int, int]:
+        """(accepted envelope, data offset, data size); KeyError if there is no such file."""
+        try:
+            with open(self._queue_path(qid), "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                head = f.read(_HEADER_MAX)
+                start, json_len, _ = _parse_first_line(head)
+                need = start + json_len + 1
+                if len(head) < need:
+                    head += f.read(need - len(head))
+        except FileNotFoundError:
+            raise KeyError(qid) from None
+        env, offset = decode_header(head, size)
+        return env, offset, size - offset
+
+    def _read_state(self, qid: str) -> Envelope | None:
+        try:
+            with open(self._state_path(qid), "rb") as f:
+                body = f.read()
+        except FileNotFoundError:
+            return None
+        env = _parse_envelope(body)
+        if env.queue_id != qid:
+            raise CorruptEntry(f"state file says queue id {env.queue_id!r}")
+        return env
+
+    def _check(self, queue_id: str) -> None:
+        if not is_queue_id(queue_id):
+            raise KeyError(queue_id)
+
+    def load(self, queue_id: str) -> Envelope:
+        """The current envelope: the state file if any, else the accepted one.
+
+        KeyError if there is no such message; CorruptEntry if its queue file is
+        unreadable. An unreadable state file is logged and the accepted
+        envelope returned, so a listing still shows the message.
+        """
+        self._check(queue_id)
+        accepted, _, _ = self._read_head(queue_id)
+        try:
+            state = self._read_state(queue_id)
+        except CorruptEntry as e:
+            log.warning("%s: unreadable state file: %s", queue_id, e)
+            return accepted
+        return state if state is not None else accepted
+
+    def read_data(self, queue_id: str) -> bytes:
+        """The message bytes exactly as accepted (KeyError if absent)."""
+        self._check(queue_id)
+        try:
+            with open(self._queue_path(queue_id), "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                head = f.read(_HEADER_MAX)
+                start, json_len, data_len = _parse_first_line(head)
+                offset = start + json_len + 1
+                if size != offset + data_len:
+                    raise CorruptEntry(f"size {size} does not match header")
+                f.seek(offset)
+                data = f.read(data_len)
+        except FileNotFoundError:
+            raise KeyError(queue_id) from None
+        if len(data) != data_len:
+            raise CorruptEntry("message data truncated")
+        return data
+
+    def data_size(self, queue_id: str) -> int:
+        """Size in bytes of the message data (KeyError if absent)."""
+        self._check(queue_id)
+        return self._read_head(queue_id)[2]
+
+    def queue_ids(self) -> list[str]:
+        """Ids of all queued messages, oldest first; [] if the spool does not exist."""
+        try:
+            names = os.listdir(self._queue)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if is_queue_id(n))
+
+    def scan(self) -> list[Envelope]:
+        """Every readable entry, oldest first; entries vanishing meanwhile are skipped."""
+        result = []
+        for qid in self.queue_ids():
+            try:
+                result.append(self.load(qid))
+            except KeyError:
+                continue
+            except CorruptEntry as e:
+                log.warning("%s: unreadable queue file: %s", qid, e)
+        return result
+
+    def free_space(self) -> int:
+        """Bytes an unprivileged writer may still use on the spool's file system."""
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    # -- writing
+
+    async def commit(self, envelope: Envelope, data: bytes) -> None:
+        """Store a new message; durable on return, else SpoolError and nothing left.
+
+        If the caller is cancelled meanwhile (its session died before it could
+        answer 250), a message that got committed anyway is removed again so
+        that it is not delivered next to the client's retry.
+        """
+        qid = envelope.queue_id
+        if not is_queue_id(qid):
+            raise ValueError(f"not a queue id: {qid!r}")
+        task = asyncio.ensure_future(self._commit(qid, envelope, data))
+        self._track(task)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(functools.partial(self._discard_if_committed, qid))
+            raise
+
+    async def _commit(self, qid: str, envelope: Envelope, data: bytes) -> None:
+        head = encode_header(envelope, len(data))
+        tmp, dst = os.path.join(self._tmp, qid), self._queue_path(qid)
+        await self._write(tmp, (head, data), qid)
+        await self._batched(
+            _Op(
+                apply=functools.partial(_rename, tmp, dst),
+                dirs=(self._queue,),
+                on_fail=functools.partial(_unlink_quiet, tmp),
+                undo=functools.partial(_unlink_quiet, dst),
+            ),
+            qid,
+        )
+        self.stats.commits += 1
+
+    async def update(self, envelope: Envelope) -> None:
+        """Durably replace the message's state (SpoolError, old state kept, on failure)."""
+        qid = envelope.queue_id
+        if not is_queue_id(qid):
+            raise ValueError(f"not a queue id: {qid!r}")
+        body = json.dumps(envelope.to_dict(), separators=(",", ":")).encode("ascii")
+        tmp = os.path.join(self._tmp, f"{qid}.{next(self._seq)}{_STATE_SUFFIX}")
+        await self._write(tmp, (body, b"\n"), qid)
+        await self._batched(
+            _Op(
+                apply=functools.partial(_rename, tmp, self._state_path(qid)),
+                dirs=(self._state,),
+                on_fail=functools.partial(_unlink_quiet, tmp),
+            ),
+            qid,
+        )
+        self.stats.updates += 1
+
+    async def remove(self, queue_id: str) -> None:
+        """Delete a message for good (KeyError if it was not there)."""
+        self._check(queue_id)
+        found = await self._batched(
+            _Op(
+                apply=functools.partial(_unlink_if_present, self._queue_path(queue_id)),
+                dirs=(self._queue,),
+                after=functools.partial(_unlink_quiet, self._state_path(queue_id)),
+            ),
+            queue_id,
+        )
+        if not found:  # (a state file without its message was dropped all the same)
+            raise KeyError(queue_id)
+        self.stats.removes += 1
+
+    async def close(self) -> None:
+        """Wait for commits in flight and their clean-ups, then stop the worker threads."""
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        for pool in (self._writers, self._syncer):
+            if pool is not None:
+                pool.shutdown(wait=False)
+        self._writers = self._syncer = None
+
+    # -- machinery
+
+    def _writers_pool(self) -> ThreadPoolExecutor:
+        if self._writers is None:
+            self._writers = ThreadPoolExecutor(_WRITE_THREADS, "relayd-spool-write")
+        return self._writers
+
+    def _syncers(self) -> ThreadPoolExecutor:
+        if self._syncer is None:
+            self._syncer = ThreadPoolExecutor(1, "relayd-spool-commit")
+        return self._syncer
+
+    async def _write(self, path: str, parts: Sequence[bytes], qid: str) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._writers_pool(), _write_file, path, parts)
+        except OSError as e:
+            raise SpoolError(f"{qid}: cannot write to the spool: {e.strerror or e}") from e
+        self.stats.file_syncs += 1
+
+    async def _batched(self, op: _Op, qid: str) -> bool:
+        """Hand ``op`` to the group committer; True once durable, ``op.changed``."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+        self._pending.append((op, future))
+        if self._committer is None or self._committer.done():
+            self._committer = loop.create_task(self._run_committer())
+        try:
+            return await future
+        except OSError as e:
+            raise SpoolError(f"{qid}: cannot commit to the spool: {e.strerror or e}") from e
+
+    async def _run_committer(self) -> None:
+        """Drain the pending ops in batches: whatever arrived during one fsync forms the next."""
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            batch, self._pending = self._pending, []
+            ops = [op for op, _ in batch]
+            done = loop.run_in_executor(self._syncers(), _run_batch, ops)
+            cancelled = await _wait_through_cancel(done)
+            self.stats.batches += 1
+            self.stats.dir_syncs += done.result() if not done.exception() else 0
+            for op, future in batch:
+                _settle(op, future, done.exception())
+            if cancelled:
+                raise asyncio.CancelledError
+
+    def _discard_if_committed(self, qid: str, task: asyncio.Future[None]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        log.info("%s: session gone before the reply; removing the message", qid)
+        self._track(asyncio.ensure_future(self._remove_quietly(qid)))
+
+    def _track(self, task: asyncio.Future[None]) -> None:
+        """Keep a reference until done, so close() can wait for it."""
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _remove_quietly(self, qid: str) -> None:
+        try:
+            await self.remove(qid)
+        except (KeyError, SpoolError) as e:
+            log.warning("%s: could not remove: %s", qid, e)
+
+
+async def _wait_through_cancel(future: asyncio.Future[Any]) -> bool:
+    """Wait until ``future`` is done even if we are cancelled; True if we were.
+
+    The batch thread is renaming files: the callers must learn how that went,
+    whatever happens to the task that waits for it.
+    """
+    cancelled = False
+    while not future.done():
+        try:
+            await asyncio.wait({future})
+        except asyncio.CancelledError:
+            cancelled = True
+    return cancelled
+
+
+def _settle(op: _Op, future: asyncio.Future[bool], crash: BaseException | None) -> None:
+    if future.done():
+        return
+    if crash is not None:
+        future.set_exception(crash)
+    elif op.error is not None:
+        future.set_exception(op.error)
+    else:
+        future.set_result(op.changed)
