@@ -81,19 +81,18 @@ async def read_data(
                 return DataResult(b"", received, "too_big")
             message, problem = check_and_unstuff(body)
             return DataResult(message, len(body), problem)
+        if received > max_size + len(END):
+            # Over the limit: keep only what could still hold part of the end marker.
+            too_big = True
+            del buf[: -(len(END) - 1)]
+        searched = max(0, len(buf) - len(END) + 1)
         chunk = await reader.read(CHUNK)
         if not chunk:
             raise ConnectionResetError("connection closed during DATA")
         if on_progress is not None:
             on_progress()
         received += len(chunk)
-        searched = max(0, len(buf) - len(END) + 1)
         buf += chunk
-        if received > max_size + len(END):
-            # Over the limit: keep only what could still hold part of the end marker.
-            too_big = True
-            del buf[: -(len(END) - 1)]
-            searched = 0
 
 
 def _unread(reader: asyncio.StreamReader, data: bytes) -> None:

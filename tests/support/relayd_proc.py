@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support.certs import client_context, server_cert_files
-from tests.support.ports import free_port
+from support.certs import client_context, server_cert_files
+from support.ports import free_port
 
 HOSTNAME = "mail.relayd.test"
 
@@ -53,17 +53,18 @@ class Relayd:
     dns_address: str | None = None  # a loopback DNS server; None starts an empty one
     hold_delivery: bool = True  # route everything to a closed loopback port: mail stays queued
     fsize_limit: int | None = None  # RLIMIT_FSIZE for the daemon: real write failures
+    auth: str = ""  # more keys for the [auth] table
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        self.cert, self.key = server_cert_files(self.root, self.hostname, "localhost")
+        self.cert, self.key = server_cert_files(self.root, self.hostname, "localhost", "127.0.0.1")
         self.listeners = tuple(
             ListenerSpec(s.name, s.mode, s.tls, s.port or free_port(s.host), s.host)
             for s in self.listeners
         )
         self._dns = None
         if self.dns_address is None:
-            from tests.support.dnsserver import DNSServer
+            from support.dnsserver import DNSServer
 
             self._dns = DNSServer().start()
             self.dns_address = self._dns.address
@@ -91,7 +92,7 @@ class Relayd:
             parts.append(f'[[listener]]\nname = "{s.name}"\naddress = "{s.host}:{s.port}"\n'
                          f'mode = "{s.mode}"\ntls = "{s.tls}"\n')
         parts.append(f'[tls]\ncert = "{self.cert}"\nkey = "{self.key}"\n')
-        parts.append(f'[auth]\nusers_file = "{self.users_file}"\n')
+        parts.append(f'[auth]\nusers_file = "{self.users_file}"\n{self.auth}\n')
         parts.append(f'[spool]\npath = "{self.spool}"\nmin_free_space = "1MB"\n')
         parts.append(f'[control]\nsocket = "{self.root / "control.sock"}"\n')
         parts.append('[logging]\ntarget = "stderr"\nlevel = "info"\n')
