@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import importlib.util
 import os
 import re
 from collections.abc import Iterable
@@ -156,6 +157,8 @@ def _load_private(data: bytes) -> rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey:
 def _for_dkimpy(key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey) -> tuple[bytes, bytes]:
     """(algorithm, private key bytes) in the shapes dkimpy's signer accepts."""
     if isinstance(key, ed25519.Ed25519PrivateKey):
+        if importlib.util.find_spec("nacl") is None:
+            raise ValueError("Ed25519 signing needs the PyNaCl package (dkimpy[ed25519])")
         seed = key.private_bytes(
             serialization.Encoding.Raw,
             serialization.PrivateFormat.Raw,

@@ -20,6 +20,7 @@ from typing import Any
 import dkim
 import dns.asyncresolver
 import dns.exception
+import dns.name
 import dns.nameserver
 import dns.resolver
 
@@ -30,6 +31,15 @@ from relayd.config import DNSConfig
 _TRY_TIMEOUT = 2.0
 
 DKIMDNSFunc = Callable[..., bytes | None]
+
+# Answers that mean "nothing there", including names that cannot exist
+# (an empty or over-long label): asking again would not change them.
+_NO_SUCH_NAME = (
+    dns.resolver.NXDOMAIN,
+    dns.resolver.NoAnswer,
+    dns.exception.SyntaxError,
+    dns.name.NameTooLong,
+)
 
 
 class DNSTempError(Exception):
@@ -93,7 +103,7 @@ def query(
     """
     try:
         answer = resolver.resolve(name, rdtype, lifetime=_lifetime(resolver, timeout), search=False)
-    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+    except _NO_SUCH_NAME:
         return []
     except dns.exception.DNSException as exc:
         raise DNSTempError(f"DNS lookup of {name} {rdtype} failed: {exc}") from exc
@@ -111,7 +121,7 @@ async def query_async(
         answer = await resolver.resolve(
             name, rdtype, lifetime=_lifetime(resolver, timeout), search=False
         )
-    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+    except _NO_SUCH_NAME:
         return []
     except dns.exception.DNSException as exc:
         raise DNSTempError(f"DNS lookup of {name} {rdtype} failed: {exc}") from exc

@@ -270,3 +270,10 @@ def test_no_nameservers_is_temporary() -> None:
     resolver.nameservers = []
     with pytest.raises(DNSTempError):
         txt_records(resolver, "pass.test")
+
+
+def test_impossible_names_have_no_records(resolver: dns.resolver.Resolver) -> None:
+    assert txt_records(resolver, "a" * 70 + ".test") == []
+    assert txt_records(resolver, "a..test") == []
+    result = check(resolver, "alice@" + "a" * 70 + ".test")
+    assert result.result == "none"

@@ -117,6 +117,13 @@ class _Table:
         window.roll(now, rate.per_seconds)
         return window.wait(now, rate)
 
+    def touch(self, key: str, now: float) -> None:
+        """Mark a refused key as recently seen, so a flood cannot evict it."""
+        window = self.windows.get(key)
+        if window is not None:
+            window.seen = now
+            self.windows.move_to_end(key)
+
     def record(self, key: str, now: float, rate: Rate) -> None:
         window = self.windows.get(key)
         if window is None:
@@ -191,6 +198,7 @@ class RateLimiter:
             wait = table.wait(key, now, rate)
             if wait > 0:
                 hits.append(_Hit(name, key, rate, wait))
+                table.touch(key, now)
         if hits:
             return _refusal(max(hits, key=lambda hit: hit.wait))
         for name, key, rate in applicable:
