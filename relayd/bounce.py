@@ -47,7 +47,8 @@ def build_failure_dsn(
     intro = (
         f"This is the mail system at host {hostname}.\r\n\r\n"
         "I'm sorry to have to inform you that your message could not\r\n"
-        "be delivered to one or more recipients. It's attached below.\r\n\r\n"
+        "be delivered to one or more recipients. Its headers are attached\r\n"
+        "below.\r\n\r\n"
         "The mail system\r\n"
     )
     fields = [_recipient_fields(envelope, r, "failed", now) for r in failed]

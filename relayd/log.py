@@ -68,8 +68,8 @@ def setup(level: str = "info", target: str = "auto") -> None:
     """Route relayd's loggers to stderr (or the journal; see relayd.systemd)."""
     root = logging.getLogger(ROOT)
     root.setLevel(_LEVELS.get(level, logging.INFO))
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+    for old in list(root.handlers):
+        root.removeHandler(old)
     handler: logging.Handler | None = None
     if target in ("auto", "journald"):
         from relayd import systemd

@@ -129,7 +129,7 @@ class Scheduler:
         self._tasks: dict[str, asyncio.Task[None]] = {}  # one per message in flight
         self._delivering: dict[str, asyncio.Task[list[Attempt]]] = {}
         self._per_domain: Counter[str] = Counter()
-        self._deleted: set[str] = set()  # deleted while in flight
+        self._deleted: set[str] = set()  # deleted by the operator, removal under way
         self._locks: dict[str, asyncio.Lock] = {}
         self._writes: set[asyncio.Task[Any]] = set()
         self._stats: Counter[str] = Counter()
@@ -204,7 +204,7 @@ class Scheduler:
         for env in found:
             self._deleted.add(env.queue_id)
             if env.queue_id not in self._tasks:
-                self._background(self._remove_deleted(env.queue_id))
+                self._background(self._remove_deleted(env))
         return unknown
 
     def snapshot(self) -> list[Envelope]:
@@ -384,8 +384,12 @@ class Scheduler:
                 raise
             return None  # stop() interrupted the delivery, not this task
         except Exception as exc:
-            event("qmgr", f"warning: delivery failed: {exc!r}", queue_id=env.queue_id,
-                  level=logging.ERROR)
+            event(
+                "qmgr",
+                f"warning: delivery failed: {exc!r}",
+                queue_id=env.queue_id,
+                level=logging.ERROR,
+            )
             return [self._local(recipients, LOCAL_ERROR_DSN, f"local delivery error: {exc}")]
         finally:
             self._delivering.pop(env.queue_id, None)
@@ -399,8 +403,16 @@ class Scheduler:
 
     def _local(self, recipients: list[str], dsn: str, reply: str) -> Attempt:
         return Attempt(
-            time=self._clock(), recipients=list(recipients), host="", address="", port=0,
-            tls=None, reply=reply, dsn=dsn, status="deferred", duration=0.0,
+            time=self._clock(),
+            recipients=list(recipients),
+            host="",
+            address="",
+            port=0,
+            tls=None,
+            reply=reply,
+            dsn=dsn,
+            status="deferred",
+            duration=0.0,
         )
 
     async def _settle(
@@ -504,8 +516,12 @@ class Scheduler:
                 "qmgr",
                 f"to=<{rcpt.address}>, relay=none, delay={delay}, dsn={EXPIRED_DSN}, "
                 f"status=expired{returned} ({rcpt.reply})",
-                queue_id=env.queue_id, recipient=rcpt.address, dsn=EXPIRED_DSN,
-                status="expired", smtp_reply=rcpt.reply, delay=delay,
+                queue_id=env.queue_id,
+                recipient=rcpt.address,
+                dsn=EXPIRED_DSN,
+                status="expired",
+                smtp_reply=rcpt.reply,
+                delay=delay,
             )
         return expired
 
@@ -551,8 +567,12 @@ class Scheduler:
         try:
             await asyncio.wait_for(self._spool.commit(notice, message), SPOOL_TIMEOUT)
         except Exception as exc:
-            event("bounce", f"warning: cannot queue {kind} notice: {exc}",
-                  queue_id=env.queue_id, level=logging.WARNING)
+            event(
+                "bounce",
+                f"warning: cannot queue {kind} notice: {exc}",
+                queue_id=env.queue_id,
+                level=logging.WARNING,
+            )
             return False
         what = "non-delivery notification" if kind == "failure" else "delay notification"
         event("bounce", f"sender {what}: {notice_id}", queue_id=env.queue_id)
@@ -591,8 +611,12 @@ class Scheduler:
             try:
                 await asyncio.wait_for(self._spool.update(copy.deepcopy(env)), SPOOL_TIMEOUT)
             except Exception as exc:
-                event("qmgr", f"warning: cannot save queue state: {exc}", queue_id=qid,
-                      level=logging.ERROR)
+                event(
+                    "qmgr",
+                    f"warning: cannot save queue state: {exc}",
+                    queue_id=qid,
+                    level=logging.ERROR,
+                )
                 return False
         return True
 
@@ -603,8 +627,12 @@ class Scheduler:
             except KeyError:
                 pass  # already gone: that is what we wanted
             except Exception as exc:
-                event("qmgr", f"warning: cannot remove from the queue: {exc}", queue_id=qid,
-                      level=logging.ERROR)
+                event(
+                    "qmgr",
+                    f"warning: cannot remove from the queue: {exc}",
+                    queue_id=qid,
+                    level=logging.ERROR,
+                )
                 return False
         self._envelopes.pop(qid, None)
         self._deleted.discard(qid)
@@ -612,9 +640,10 @@ class Scheduler:
         event("qmgr", "removed", queue_id=qid)
         return True
 
-    async def _remove_deleted(self, qid: str) -> None:
-        if not await self._remove(qid):
-            self._deleted.discard(qid)
+    async def _remove_deleted(self, env: Envelope) -> None:
+        if not await self._remove(env.queue_id):
+            self._deleted.discard(env.queue_id)  # still on disk: show it again rather than lie
+            self._push(env)
 
     def _background(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.create_task(coro)

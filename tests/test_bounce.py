@@ -99,8 +99,18 @@ def test_failure_notice_structure() -> None:
 def test_failure_notice_delivery_status_fields() -> None:
     env = envelope(unknown_user(), refused())
     env.history.append(
-        Attempt(NOW - 60, ["bob@example.org"], "mx.example.org", "203.0.113.5", 25, None,
-                "550 5.1.1 ...", "5.1.1", "failed", 0.3)
+        Attempt(
+            NOW - 60,
+            ["bob@example.org"],
+            "mx.example.org",
+            "203.0.113.5",
+            25,
+            None,
+            "550 5.1.1 ...",
+            "5.1.1",
+            "failed",
+            0.3,
+        )
     )
     msg = parse(build_failure_dsn(HOST, env, env.recipients, ORIGINAL, NOW))
     per_message, bob, carol = status_blocks(msg)
@@ -152,9 +162,7 @@ def test_only_crlf_line_ends_and_short_lines() -> None:
 
 
 def test_expired_recipient_is_reported_as_failed_with_4_4_7() -> None:
-    rcpt = Recipient(
-        "bob@example.org", "failed", "4.4.7", "451 4.7.1 greylisted", "mx.example.org"
-    )
+    rcpt = Recipient("bob@example.org", "failed", "4.4.7", "451 4.7.1 greylisted", "mx.example.org")
     msg = parse(build_failure_dsn(HOST, envelope(rcpt), [rcpt], ORIGINAL, NOW))
     bob = status_blocks(msg)[1]
     assert (bob["Action"], bob["Status"]) == ("failed", "4.4.7")
@@ -227,8 +235,9 @@ def test_original_headers_stop_at_the_first_non_header_line() -> None:
     remote=st.booleans(),
 )
 def test_any_reply_parses_back(reply: str, local: str, remote: bool) -> None:
-    rcpt = Recipient(f"{local}@example.org", "failed", "5.1.1", reply,
-                     "mx.example.org" if remote else "")
+    rcpt = Recipient(
+        f"{local}@example.org", "failed", "5.1.1", reply, "mx.example.org" if remote else ""
+    )
     raw = build_failure_dsn(HOST, envelope(rcpt), [rcpt], ORIGINAL, NOW)
     assert re.search(rb"(?<!\r)\n", raw) is None
     msg = parse(raw)
