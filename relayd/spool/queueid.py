@@ -27,6 +27,7 @@ _RANDOM_BITS = 30
 _MAX = (1 << _BITS) - 1
 _INDEX = {c: i for i, c in enumerate(ALPHABET)}
 
+_clock = time.time_ns  # a seam for tests of clocks that stand still or step back
 _lock = threading.Lock()
 _last = 0
 
@@ -52,7 +53,7 @@ def new_queue_id() -> str:
     Thread-safe: bounces may be created off the event loop.
     """
     global _last
-    fresh = (time.time_ns() // 1_000_000) << _RANDOM_BITS | secrets.randbits(_RANDOM_BITS)
+    fresh = (_clock() // 1_000_000) << _RANDOM_BITS | secrets.randbits(_RANDOM_BITS)
     with _lock:
         value = max(fresh, _last + 1) & _MAX
         _last = value

@@ -45,19 +45,26 @@ entry by queue id, i.e. by arrival.
 
 Group commit, measured
 ----------------------
-Every durable step is fsync-bound, so concurrent sessions share the costs:
-the per-message data fsyncs run in parallel threads (the file system merges
-them into the same journal commits) and one directory fsync covers a batch.
-On a 2-core VM on ext4 (virtio disk), 2 KB messages, a few seconds each:
+Every durable step is fsync-bound, so concurrent sessions share the cost:
+each message's data fdatasync runs in its own worker thread (concurrent
+fsyncs join the same journal commit) and one directory fsync covers a batch,
+i.e. 1 + 1/batch fsyncs per message. 2 KB messages, ext4 on a 2-core VM
+with a virtio disk shared with other busy jobs, 2-3 s runs (ranges over
+repeated, interleaved runs; the disk's flush latency dominates):
 
-    20 committers, data fsync in 20 threads, one dir fsync per batch  ~NNN msg/s
-    20 committers, data fsync sequential in the batch thread          ~NNN msg/s
-    1 committer                                                       ~NNN msg/s
+    20 committers, fdatasync in 20 parallel threads (kept)  550-870 msg/s,
+                   ~7 messages per directory fsync          (best run 2150)
+    20 committers, fdatasync sequential in the batch thread 130-700 msg/s
+    20 committers, 4 writer threads                         240-510 msg/s
+    1 committer (2 fsyncs per message, ~2.5 ms)             360-420 msg/s
+                   (70-170 msg/s while other jobs flushed the same disk)
 
-TODO numbers. fdatasync and fsync cost the same for a new file (its size
-must be synced either way); fdatasync is kept as it never does more work.
-Directories are flat: ext4 and xfs index large directories, and a hashed
-tree would add a directory fsync per subdirectory touched by a batch.
+Sequential syncing gets 20 messages per batch but pays 20 journal commits
+in a row; parallel threads let the file system merge them. fsync instead of
+fdatasync made no measurable difference (a new file's size must be synced
+either way); fdatasync is kept as it never does more work. Directories are
+flat: ext4 and xfs index large directories, and hashed subdirectories
+would add a directory fsync per subdirectory a batch touches.
 """
 
 from __future__ import annotations
@@ -65,10 +72,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import itertools
 import json
 import logging
 import os
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -266,6 +273,8 @@ def _fail_dir(ops: Sequence[_Op], d: str, error: OSError) -> None:
 class Spool:
     """The queue on disk. Construction touches nothing; ``ensure``/``recover`` create.
 
+    The daemon calls ``recover()`` once at start, before the first write.
+
     ``commit``, ``update`` and ``remove`` are coroutines whose disk work runs
     in threads; the read methods are plain functions that never modify the
     spool, so relayctl may call them on a running daemon's or a stopped one's
@@ -284,7 +293,6 @@ class Spool:
         self._writers: ThreadPoolExecutor | None = None
         self._syncer: ThreadPoolExecutor | None = None
         self._background: set[asyncio.Future[None]] = set()
-        self._seq = itertools.count()
 
     # -- setup and recovery
 
@@ -332,8 +340,9 @@ class Spool:
         try:
             state = self._read_state(qid)
         except CorruptEntry as e:
-            log.warning("%s: unreadable state moved to corrupt/, using the accepted envelope: %s",
-                        qid, e)
+            log.warning(
+                "%s: unreadable state moved to corrupt/, using the accepted envelope: %s", qid, e
+            )
             self._move_to_corrupt(self._state_path(qid), qid + _STATE_SUFFIX)
             return accepted
         return state if state is not None else accepted
@@ -492,7 +501,7 @@ class Spool:
         if not is_queue_id(qid):
             raise ValueError(f"not a queue id: {qid!r}")
         body = json.dumps(envelope.to_dict(), separators=(",", ":")).encode("ascii")
-        tmp = os.path.join(self._tmp, f"{qid}.{next(self._seq)}{_STATE_SUFFIX}")
+        tmp = os.path.join(self._tmp, f"{qid}.{secrets.token_hex(6)}{_STATE_SUFFIX}")
         await self._write(tmp, (body, b"\n"), qid)
         await self._batched(
             _Op(
