@@ -646,7 +646,7 @@ def _size(minimum: int) -> Callable[[object], int]:
         except ValueError as error:
             raise _Bad(str(error)) from None
         if size < minimum:
-            raise _Bad(f"must be at least {minimum} bytes, got {_show(value)}")
+            raise _Bad(f"must be larger than {minimum - 1} bytes, got {_show(value)}")
         return size
 
     return parse
@@ -764,8 +764,8 @@ def _route_domain(value: object) -> str:
 
 
 def _selector(value: object) -> str:
-    text = _string(value).strip().lower()
-    if not all(_SELECTOR_RE.fullmatch(label) for label in text.split(".")):
+    text = _string(value).strip()
+    if not all(_SELECTOR_RE.fullmatch(label) for label in text.lower().split(".")):
         raise _Bad(f'expected a DKIM selector like "mail2024", got {_show(value)}')
     return text
 
@@ -1160,7 +1160,7 @@ def _read_dkim(loader: _Loader) -> DKIMConfig:
         key = _read_dkim_key(loader, section)
         if key is None:
             continue
-        first = seen.setdefault((key.domain, key.selector), section.line())
+        first = seen.setdefault((key.domain, key.selector.lower()), section.line())
         if first != section.line():
             section.error(
                 "selector",
@@ -1175,7 +1175,9 @@ def _read_dkim_key(loader: _Loader, section: _Section) -> DKIMKey | None:
     section.check_unknown()
     domain = section.require("domain", _domain, '"example.com"')
     selector = section.require("selector", _selector, '"mail2024"')
-    key_file = section.require("key_file", loader.path(), '"/etc/relayd/dkim/example.com.pem"')
+    key_file = section.require(
+        "key_file", loader.path(), '"/etc/relayd/dkim/example.com.mail2024.key"'
+    )
     if domain is None or selector is None or key_file is None:
         return None
     return DKIMKey(domain, selector, key_file)
