@@ -9,6 +9,7 @@ timeouts are short.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -385,7 +386,7 @@ def test_opportunistic_retries_in_clear_after_failed_handshake(
     assert a.status == "sent" and a.tls is None
     [m] = tls_pool.messages
     assert not m.tls
-    assert tls_pool[0].connections == 2  # the failed handshake, then clear text
+    assert tls_pool.connections == 2  # the failed handshake, then clear text
 
 
 def test_required_refuses_clear_text(dns_server: DNSServer, pool: MXPool) -> None:
@@ -698,3 +699,22 @@ def test_reuse_survives_a_server_that_closed_the_idle_session(
     attempts = run(go())
     assert [a.status for a in attempts] == ["sent", "sent"]
     assert pool[0].connections == 2 and pool[1].connections == 0
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_delivery_over_ipv6(dns_server: DNSServer) -> None:
+    port = free_port("::1")
+    dns_server.add("six.test MX 10 mx6.six.test", "mx6.six.test AAAA ::1")
+    with MXServer("::1", port) as mx:
+        [a] = deliver(config(dns_server, port), ["bob@six.test"])
+        assert a.status == "sent" and a.address == "::1"
+        assert mx.messages[0].rcpt_tos == ["bob@six.test"]

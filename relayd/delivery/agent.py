@@ -200,6 +200,7 @@ class DeliveryAgent:
                 errors.append(_HopError(e.outcome, hop.host, address, hop.port))
         if session is None:
             return None
+        tls = session.tls_version  # as negotiated, even if the connection dies mid-message
         try:
             outcomes = await session.send(
                 envelope.sender,
@@ -211,7 +212,7 @@ class DeliveryAgent:
         except BaseException:  # cancelled mid-message: the session is in no known state
             session.abort()
             raise
-        result = _Result(outcomes, hop.host, session.address, hop.port, session.tls_version)
+        result = _Result(outcomes, hop.host, session.address, hop.port, tls)
         self._release(key, session)
         return result
 

@@ -69,6 +69,7 @@ TLSContextFactory = Callable[[bool, Path | None], ssl.SSLContext]
 _MAX_REPLY_LINES = 1000
 _READ_LIMIT = 64 * 1024
 _QUIT_TIMEOUT = 2.0
+_VERBS = frozenset({"EHLO", "HELO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "RSET", "QUIT"})
 
 
 @dataclass(frozen=True)
@@ -225,7 +226,9 @@ class Session:
             raise self._fail(f"lost connection while {doing}: {e}") from e
 
     async def _command(self, line: str) -> None:
-        await self._write(line.encode("utf-8") + b"\r\n", f"sending {line.split(' ')[0]}")
+        verb = line.split(" ")[0].upper()
+        what = verb if verb in _VERBS else "AUTH data"  # never a secret in an error text
+        await self._write(line.encode("utf-8") + b"\r\n", f"sending {what}")
 
     async def _read(self, doing: str) -> Reply:
         """One whole reply, within command_timeout."""
@@ -484,15 +487,19 @@ class Session:
         await self.close()
 
     async def close(self) -> None:
-        self.abort()
-        with contextlib.suppress(Exception):
+        """Close cleanly (TLS close_notify included) if that is quick, else drop."""
+        self._broken = True
+        self._writer.close()
+        try:
             async with asyncio.timeout(_QUIT_TIMEOUT):
                 await self._writer.wait_closed()
+        except (TimeoutError, OSError, ssl.SSLError):
+            self._writer.transport.abort()
 
     def abort(self) -> None:
+        """Drop the connection now: a broken session owes the server no goodbye."""
         self._broken = True
-        if not self._writer.is_closing():
-            self._writer.close()
+        self._writer.transport.abort()
 
 
 def _accepted(
