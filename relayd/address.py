@@ -20,8 +20,10 @@ _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _DOT_STRING = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
 _QUOTED = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"')
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
-_UTF8_DOT_STRING = re.compile(r"(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]|[^\x00-\x7f])+"
-                              r"(?:\.(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]|[^\x00-\x7f])+)*")
+_UTF8_DOT_STRING = re.compile(
+    r"(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]|[^\x00-\x7f])+"
+    r"(?:\.(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]|[^\x00-\x7f])+)*"
+)
 
 MAX_LOCAL = 64
 MAX_DOMAIN = 255
@@ -57,7 +59,9 @@ class Address:
         return not str(self).isascii()
 
 
-def parse_path(text: str, *, allow_null: bool, smtputf8: bool = False) -> tuple[Address | None, str]:
+def parse_path(
+    text: str, *, allow_null: bool, smtputf8: bool = False
+) -> tuple[Address | None, str]:
     """Split ``<addr> PARAMS`` into the address (None for ``<>``) and the parameter text.
 
     Angle brackets are expected; a bare mailbox without spaces is accepted as

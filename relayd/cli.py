@@ -38,10 +38,14 @@ def load_checked(path: Path) -> tuple[Config | None, list[str], list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="relayd", description="relayd mail relay daemon")
-    parser.add_argument("--config", metavar="PATH", help=f"config file (default {DEFAULT_PATH}, "
-                        "or $RELAYD_CONFIG)")
-    parser.add_argument("--check-config", action="store_true",
-                        help="validate the config and the files it names, then exit 0 or 1")
+    parser.add_argument(
+        "--config", metavar="PATH", help=f"config file (default {DEFAULT_PATH}, or $RELAYD_CONFIG)"
+    )
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the config and the files it names, then exit 0 or 1",
+    )
     parser.add_argument("--version", action="version", version=f"relayd {__version__}")
     args = parser.parse_args(argv)
     path = config_path(args.config)

@@ -13,7 +13,6 @@ import json
 import socket
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from relayd import __version__
@@ -43,10 +42,14 @@ def request(config: Config, cmd: str, timeout: float = 30.0, **fields: Any) -> d
         try:
             sock.connect(str(config.control.socket))
         except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise Unreachable(f"relayd is not running (no answer on {config.control.socket})") from exc
+            raise Unreachable(
+                f"relayd is not running (no answer on {config.control.socket})"
+            ) from exc
         except PermissionError as exc:
-            raise Failed(f"cannot use {config.control.socket}: permission denied "
-                         "(run as root or a member of the relayd group)") from exc
+            raise Failed(
+                f"cannot use {config.control.socket}: permission denied "
+                "(run as root or a member of the relayd group)"
+            ) from exc
         sock.sendall(json.dumps({"cmd": cmd, **fields}).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
@@ -100,24 +103,33 @@ def message_json(env: Envelope) -> dict[str, Any]:
         "next_attempt": int(env.next_attempt) if env.next_attempt else None,
         "last_error": env.last_error(),
         "recipients": [
-            {"address": r.address, "status": r.status, "delay_reason": r.reply}
-            for r in env.pending
+            {"address": r.address, "status": r.status, "delay_reason": r.reply} for r in env.pending
         ],
     }
 
 
 def queue_table(envelopes: list[Envelope], online: bool, now: float) -> str:
-    header = f"{'QUEUE-ID':<17} {'SIZE':>5} {'AGE':>4}  {'STATE':<9} {'TRIES':>5}  {'NEXT':<6} SENDER / RECIPIENTS"
+    header = (
+        f"{'QUEUE-ID':<17} {'SIZE':>5} {'AGE':>4}  {'STATE':<9} {'TRIES':>5}  {'NEXT':<6} "
+        "SENDER / RECIPIENTS"
+    )
     lines = [header]
     indent = " " * 59
     for env in envelopes:
-        nxt = "-" if env.state == "held" or not env.next_attempt else (
-            "now" if env.next_attempt <= now else format_duration(env.next_attempt - now))
-        lines.append(f"{env.queue_id:<17} {format_size(env.size):>5} "
-                     f"{format_duration(now - env.arrival_time):>4}  {env.state:<9} "
-                     f"{env.attempts:>5}  {nxt:<6} {env.sender or '<>'}")
+        nxt = (
+            "-"
+            if env.state == "held" or not env.next_attempt
+            else ("now" if env.next_attempt <= now else format_duration(env.next_attempt - now))
+        )
+        lines.append(
+            f"{env.queue_id:<17} {format_size(env.size):>5} "
+            f"{format_duration(now - env.arrival_time):>4}  {env.state:<9} "
+            f"{env.attempts:>5}  {nxt:<6} {env.sender or '<>'}"
+        )
         for r in env.pending:
-            reason = f"  ({r.reply}{', ' + r.remote_host if r.remote_host else ''})" if r.reply else ""
+            reason = (
+                f"  ({r.reply}{', ' + r.remote_host if r.remote_host else ''})" if r.reply else ""
+            )
             lines.append(f"{indent}{r.address}{reason}")
     lines.append(_queue_summary(envelopes, online))
     return "\n".join(lines)
@@ -128,8 +140,10 @@ def _queue_summary(envelopes: list[Envelope], online: bool) -> str:
     total = format_size(sum(e.size for e in envelopes))
     n = len(envelopes)
     tail = "" if online else " (offline: relayd is not running; read from the spool)"
-    return (f"-- {n} message{'s' if n != 1 else ''}, {total}; {states['active']} active, "
-            f"{states['deferred']} deferred, {states['held']} held{tail}")
+    return (
+        f"-- {n} message{'s' if n != 1 else ''}, {total}; {states['active']} active, "
+        f"{states['deferred']} deferred, {states['held']} held{tail}"
+    )
 
 
 def cmd_queue_list(args: argparse.Namespace, config: Config) -> int:
@@ -145,7 +159,7 @@ def cmd_queue_show(args: argparse.Namespace, config: Config) -> int:
     from relayd.spool.store import Spool
 
     spool = Spool(config.spool.path)
-    online, envelopes = queue_envelopes(config)
+    _online, envelopes = queue_envelopes(config)
     env = next((e for e in envelopes if e.queue_id == args.id), None)
     if env is None:
         raise Failed(f"unknown queue id: {args.id}")
@@ -157,8 +171,10 @@ def cmd_queue_show(args: argparse.Namespace, config: Config) -> int:
         sys.stdout.buffer.write(data)
         return EXIT_OK
     if args.json:
-        doc = message_json(env) | {"history": [a.__dict__ for a in env.history],
-                                   "all_recipients": [r.__dict__ for r in env.recipients]}
+        doc = message_json(env) | {
+            "history": [a.__dict__ for a in env.history],
+            "all_recipients": [r.__dict__ for r in env.recipients],
+        }
         print(json.dumps(doc))
         return EXIT_OK
     print(show_text(env, data))
@@ -167,19 +183,28 @@ def cmd_queue_show(args: argparse.Namespace, config: Config) -> int:
 
 def show_text(env: Envelope, data: bytes) -> str:
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(env.arrival_time))
-    out = [f"Queue ID:   {env.queue_id}", f"State:      {env.state}", f"Arrived:    {when}",
-           f"Size:       {env.size} bytes", f"Sender:     <{env.sender}>",
-           f"Client:     {env.client_ip or '-'} (helo {env.helo or '-'}, listener "
-           f"{env.listener or '-'}, user {env.sasl_username or '-'})",
-           f"Attempts:   {env.attempts}", "", "Recipients:"]
+    out = [
+        f"Queue ID:   {env.queue_id}",
+        f"State:      {env.state}",
+        f"Arrived:    {when}",
+        f"Size:       {env.size} bytes",
+        f"Sender:     <{env.sender}>",
+        f"Client:     {env.client_ip or '-'} (helo {env.helo or '-'}, listener "
+        f"{env.listener or '-'}, user {env.sasl_username or '-'})",
+        f"Attempts:   {env.attempts}",
+        "",
+        "Recipients:",
+    ]
     for r in env.recipients:
         detail = f" {r.dsn} {r.reply}" if r.reply else ""
         out.append(f"  {r.address:<40} {r.status}{detail}")
     out += ["", "Attempts:"]
     for a in env.history:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a.time))
-        out.append(f"  {stamp}  {a.host}[{a.address}]:{a.port}  tls={a.tls or 'none'}  "
-                   f"{a.duration:.2f}s  {a.status}: {a.reply}  ({', '.join(a.recipients)})")
+        out.append(
+            f"  {stamp}  {a.host}[{a.address}]:{a.port}  tls={a.tls or 'none'}  "
+            f"{a.duration:.2f}s  {a.status}: {a.reply}  ({', '.join(a.recipients)})"
+        )
     if not env.history:
         out.append("  (none yet)")
     from relayd.smtpd.headers import header_block
@@ -204,8 +229,10 @@ def cmd_queue_change(args: argparse.Namespace, config: Config) -> int:
     if getattr(args, "all", False):
         fields["all"] = True
     elif args.action != "flush" and not fields["ids"]:
-        raise UsageError(f"relayctl queue {args.action}: give one or more queue ids"
-                         + (" or --all" if args.action == "delete" else ""))
+        raise UsageError(
+            f"relayctl queue {args.action}: give one or more queue ids"
+            + (" or --all" if args.action == "delete" else "")
+        )
     reply = request(config, args.action, **fields)
     if args.json:
         print(json.dumps(reply))
@@ -229,14 +256,20 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
         print(json.dumps(reply))
         return EXIT_OK
     queue = reply.get("queue", {})
-    print(f"relayd {reply['version']}: running (pid {reply['pid']}), up "
-          f"{format_duration(reply['uptime'])}")
+    print(
+        f"relayd {reply['version']}: running (pid {reply['pid']}), up "
+        f"{format_duration(reply['uptime'])}"
+    )
     print(f"config:     {reply.get('config')}")
     for name in reply.get("listeners", []):
         print(f"listener:   {name}")
-    print("queue:      " + ", ".join(f"{queue.get(s, 0)} {s}" for s in ("active", "deferred", "held")))
-    print(f"since start: {reply.get('accepted', 0)} accepted, {reply.get('delivered', 0)} delivered, "
-          f"{reply.get('deferred', 0)} deferred, {reply.get('bounced', 0)} bounced")
+    print(
+        "queue:      " + ", ".join(f"{queue.get(s, 0)} {s}" for s in ("active", "deferred", "held"))
+    )
+    print(
+        f"since start: {reply.get('accepted', 0)} accepted, {reply.get('delivered', 0)} delivered, "
+        f"{reply.get('deferred', 0)} deferred, {reply.get('bounced', 0)} bounced"
+    )
     return EXIT_OK
 
 
@@ -258,8 +291,9 @@ def cmd_user(args: argparse.Namespace, config: Config) -> int:
     path = config.auth.users_file
     try:
         if args.user_action == "add":
-            users.cmd_user_add(path, args.name, users.read_password(args.password_stdin),
-                               args.allow_from or [])
+            users.cmd_user_add(
+                path, args.name, users.read_password(args.password_stdin), args.allow_from or []
+            )
             print(f"relayd: user {args.name} added to {path}")
         elif args.user_action == "passwd":
             users.cmd_user_passwd(path, args.name, users.read_password(args.password_stdin))
@@ -276,8 +310,11 @@ def cmd_user(args: argparse.Namespace, config: Config) -> int:
 
 def _print_users(listing: list[Any], as_json: bool) -> None:
     if as_json:
-        print(json.dumps({"users": [{"name": u.name, "allow_from": list(u.allow_from)}
-                                    for u in listing]}))
+        print(
+            json.dumps(
+                {"users": [{"name": u.name, "allow_from": list(u.allow_from)} for u in listing]}
+            )
+        )
         return
     print(f"{'USER':<32} ALLOWED SENDERS")
     for u in listing:
@@ -290,18 +327,24 @@ def cmd_dkim_keygen(args: argparse.Namespace, config: Config) -> int:
 
     domain, selector = args.domain.lower(), args.selector
     configured = [k for k in config.dkim.keys if k.domain == domain and k.selector == selector]
-    path = configured[0].key_file if configured else (
-        config.auth.users_file.parent / "dkim" / f"{domain}.{selector}.key")
+    path = (
+        configured[0].key_file
+        if configured
+        else (config.auth.users_file.parent / "dkim" / f"{domain}.{selector}.key")
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        record = dkim.keygen(path, domain, selector, kind=args.type, bits=args.bits,
-                             force=args.force)
+        record = dkim.keygen(
+            path, domain, selector, kind=args.type, bits=args.bits, force=args.force
+        )
     except (FileExistsError, ValueError) as exc:
         raise Failed(str(exc)) from exc
     print(f"; private key written to {path} (mode 0600)")
     if not configured:
-        print(f"; add to {config.source}:\n;   [[dkim.key]]\n;   domain = \"{domain}\"\n"
-              f";   selector = \"{selector}\"\n;   key_file = \"{path}\"")
+        print(
+            f'; add to {config.source}:\n;   [[dkim.key]]\n;   domain = "{domain}"\n'
+            f';   selector = "{selector}"\n;   key_file = "{path}"'
+        )
     print("; publish this DNS record:")
     print(record)
     return EXIT_OK
@@ -316,12 +359,21 @@ class UsageError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
-                        help="config file (default /etc/relayd.toml or $RELAYD_CONFIG)")
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                        help="one JSON document instead of a table")
-    p = argparse.ArgumentParser(prog="relayctl", parents=[common],
-                                description="operate a relayd mail relay")
+    common.add_argument(
+        "--config",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="config file (default /etc/relayd.toml or $RELAYD_CONFIG)",
+    )
+    common.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="one JSON document instead of a table",
+    )
+    p = argparse.ArgumentParser(
+        prog="relayctl", parents=[common], description="operate a relayd mail relay"
+    )
     p.add_argument("--version", action="version", version=f"relayctl {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _queue_parser(sub, common)
@@ -346,9 +398,12 @@ def _queue_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     show = qs.add_parser("show", parents=[common], help="one message in detail")
     show.add_argument("id")
     show.add_argument("--raw", action="store_true", help="print the stored message")
-    for action, text in (("flush", "retry now (all deferred, or the given ids)"),
-                         ("delete", "remove from the queue without a bounce"),
-                         ("hold", "keep from delivery"), ("release", "put held messages back")):
+    for action, text in (
+        ("flush", "retry now (all deferred, or the given ids)"),
+        ("delete", "remove from the queue without a bounce"),
+        ("hold", "keep from delivery"),
+        ("release", "put held messages back"),
+    ):
         a = qs.add_parser(action, parents=[common], help=text)
         a.add_argument("ids", nargs="*", metavar="ID", help="queue ids; - reads them from stdin")
         if action == "delete":
@@ -360,8 +415,12 @@ def _user_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     us = u.add_subparsers(dest="user_action", required=True, metavar="ACTION")
     add = us.add_parser("add", parents=[common], help="add a user")
     add.add_argument("name")
-    add.add_argument("--allow-from", action="append", metavar="PATTERN",
-                     help="sender addresses this user may use, e.g. '*@example.com' (repeatable)")
+    add.add_argument(
+        "--allow-from",
+        action="append",
+        metavar="PATTERN",
+        help="sender addresses this user may use, e.g. '*@example.com' (repeatable)",
+    )
     add.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     pw = us.add_parser("passwd", parents=[common], help="change a user's password")
     pw.add_argument("name")

@@ -100,13 +100,20 @@ class Daemon:
         self.scheduler.load(self.spool.recover())
         await self.listeners.apply(self.config.listeners, systemd.listen_fds())
         await self.control.start(self.config.control)
-        for sig, handler in ((signal.SIGTERM, self._stop.set), (signal.SIGINT, self._stop.set),
-                             (signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))):
+        for sig, handler in (
+            (signal.SIGTERM, self._stop.set),
+            (signal.SIGINT, self._stop.set),
+            (signal.SIGHUP, lambda: asyncio.ensure_future(self.reload())),
+        ):
             loop.add_signal_handler(sig, handler)
-        tasks = [asyncio.create_task(self.scheduler.run(), name="scheduler"),
-                 asyncio.create_task(systemd.watchdog_task(), name="watchdog")]
+        tasks = [
+            asyncio.create_task(self.scheduler.run(), name="scheduler"),
+            asyncio.create_task(systemd.watchdog_task(), name="watchdog"),
+        ]
         systemd.ready(self.status_line())
-        log.event("master", f"daemon started -- version {__version__}, configuration {self.config.source}")
+        log.event(
+            "master", f"daemon started -- version {__version__}, configuration {self.config.source}"
+        )
         await self._stop.wait()
         await self._shutdown(tasks)
         return 0
@@ -162,8 +169,11 @@ class Daemon:
         return None
 
     def _reload_failed(self, text: str) -> str:
-        log.event("master", f"warning: reload failed, keeping the running configuration: {text}",
-                  level=logging.WARNING)
+        log.event(
+            "master",
+            f"warning: reload failed, keeping the running configuration: {text}",
+            level=logging.WARNING,
+        )
         return text
 
     def status_line(self) -> str:
@@ -197,4 +207,3 @@ def run(config: Config) -> int:
     except OSError as exc:
         log.event("master", f"fatal: {exc}", level=logging.CRITICAL)
         return 71  # EX_OSERR
-

@@ -118,7 +118,8 @@ def main() -> int:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "var").resolve()
     password = setup(root)
     rel = Path(sys.argv[1] if len(sys.argv) > 1 else "var")
-    print(f"""relayd development instance ({rel}/relayd.toml)
+    print(
+        f"""relayd development instance ({rel}/relayd.toml)
   inbound     127.0.0.1:2525  (STARTTLS optional)
   submission  127.0.0.1:2587  (STARTTLS, then AUTH)
   submissions 127.0.0.1:2465  (implicit TLS, AUTH)
@@ -126,7 +127,9 @@ def main() -> int:
 Try: swaks --server 127.0.0.1:2587 --tls --auth-user dev --auth-password {password} \\
        --from you@localhost --to someone@example.org
      .venv/bin/relayctl --config {rel}/relayd.toml queue
-""", flush=True)
+""",
+        flush=True,
+    )
     return 0
 
 

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from support.certs import client_context
 from support.relayd_proc import HOSTNAME, Relayd, raw_session, send
 
@@ -67,8 +66,14 @@ def test_greeting_names_the_host(relayd: Relayd) -> None:
 def test_ehlo_before_and_after_starttls(relayd: Relayd) -> None:
     with relayd.smtp("inbound") as s:
         before = ehlo_lines(s)
-        assert before == ["PIPELINING", "SIZE 20000", "8BITMIME", "SMTPUTF8",
-                          "ENHANCEDSTATUSCODES", "STARTTLS"]
+        assert before == [
+            "PIPELINING",
+            "SIZE 20000",
+            "8BITMIME",
+            "SMTPUTF8",
+            "ENHANCEDSTATUSCODES",
+            "STARTTLS",
+        ]
         s.starttls(context=client_context())
         after = ehlo_lines(s)
         assert "AUTH PLAIN LOGIN" in after
@@ -112,8 +117,13 @@ def test_bad_credentials(relayd: Relayd) -> None:
 
 
 def test_submission_queues_and_adds_headers(relayd: Relayd) -> None:
-    qid = relayd.submit("alice@example.com", PASSWORD, "alice@example.com", ["bob@example.org"],
-                        b"Subject: no id\r\n\r\nbody\r\n")
+    qid = relayd.submit(
+        "alice@example.com",
+        PASSWORD,
+        "alice@example.com",
+        ["bob@example.org"],
+        b"Subject: no id\r\n\r\nbody\r\n",
+    )
     assert qid in spool_ids(relayd)
     shown = relayd.ctl("queue", "show", qid, "--raw")
     assert shown.returncode == 0
@@ -150,8 +160,9 @@ def inbound_rcpt(relayd: Relayd, rcpt: str, source: str = "127.0.0.1") -> str:
     with raw_session(relayd.port("inbound")) as c:
         if source != "127.0.0.1":
             c.close()
-            sock = socket.create_connection(("127.0.0.1", relayd.port("inbound")), timeout=10,
-                                            source_address=(source, 0))
+            sock = socket.create_connection(
+                ("127.0.0.1", relayd.port("inbound")), timeout=10, source_address=(source, 0)
+            )
             c.sock = sock
         c.reply()
         c.cmd("EHLO client.test")
@@ -164,23 +175,26 @@ def test_served_domain_is_accepted(relayd: Relayd) -> None:
     assert inbound_rcpt(relayd, "<bob@RELAY.TEST>").startswith("250 2.1.5")
 
 
-@pytest.mark.parametrize("rcpt", [
-    "<bob@evil.test>",
-    "<bob@sub.relay.test>",
-    '<"bob@evil.test"@relay.test>',
-    "<bob%evil.test@relay.test>",
-    "<bob!evil.test@relay.test>",
-    "<@relay.test:bob@evil.test>",
-    "<@relay.test,@x.test:bob@evil.test>",
-    "<bob@evil.test@relay.test>",
-    "<bob@[127.0.0.1]>",
-    "<bob@relay.test.>",
-    "<bob@relay.test.evil.test>",
-    "bob@evil.test",
-    "<bob@evil.test> NOTIFY=NEVER",
-    "<bob@relay.test\x00.evil.test>",
-    "<bob@evil.test\r\n>",
-])
+@pytest.mark.parametrize(
+    "rcpt",
+    [
+        "<bob@evil.test>",
+        "<bob@sub.relay.test>",
+        '<"bob@evil.test"@relay.test>',
+        "<bob%evil.test@relay.test>",
+        "<bob!evil.test@relay.test>",
+        "<@relay.test:bob@evil.test>",
+        "<@relay.test,@x.test:bob@evil.test>",
+        "<bob@evil.test@relay.test>",
+        "<bob@[127.0.0.1]>",
+        "<bob@relay.test.>",
+        "<bob@relay.test.evil.test>",
+        "bob@evil.test",
+        "<bob@evil.test> NOTIFY=NEVER",
+        "<bob@relay.test\x00.evil.test>",
+        "<bob@evil.test\r\n>",
+    ],
+)
 def test_open_relay_attempts_are_refused(relayd: Relayd, rcpt: str) -> None:
     reply = inbound_rcpt(relayd, rcpt)
     assert reply[0] == "5", reply
@@ -236,8 +250,10 @@ SMUGGLE = [b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r\n.\r", b"\r.\r\n", b"\r\n.\n", b
 @pytest.mark.parametrize("marker", SMUGGLE, ids=[repr(m) for m in SMUGGLE])
 def test_smuggling_is_refused(relayd: Relayd, marker: bytes) -> None:
     before = spool_ids(relayd)
-    smuggled = (b"MAIL FROM:<admin@relay.test>\r\nRCPT TO:<victim@relay.test>\r\nDATA\r\n"
-                b"Subject: smuggled\r\n\r\nevil\r\n")
+    smuggled = (
+        b"MAIL FROM:<admin@relay.test>\r\nRCPT TO:<victim@relay.test>\r\nDATA\r\n"
+        b"Subject: smuggled\r\n\r\nevil\r\n"
+    )
     with raw_session(relayd.port("inbound")) as c:
         c.reply()
         c.cmd("EHLO client.test")
@@ -286,8 +302,10 @@ def test_pipelined_transaction(relayd: Relayd) -> None:
     with raw_session(relayd.port("inbound")) as c:
         c.reply()
         c.cmd("EHLO client.test")
-        c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<bob@relay.test>\r\n"
-               b"RCPT TO:<carol@relay.test>\r\nDATA\r\n")
+        c.send(
+            b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<bob@relay.test>\r\n"
+            b"RCPT TO:<carol@relay.test>\r\nDATA\r\n"
+        )
         assert [c.reply()[:3] for _ in range(4)] == ["250", "250", "250", "354"]
         c.send(b"Subject: p\r\n\r\nbody\r\n.\r\nNOOP\r\nQUIT\r\n")
         assert c.reply().startswith("250 2.0.0 Ok: queued as ")
@@ -299,8 +317,15 @@ def test_replies_carry_enhanced_codes(relayd: Relayd) -> None:
     with raw_session(relayd.port("inbound")) as c:
         c.reply()
         c.cmd("EHLO client.test")
-        for cmd in ["NOOP", "RSET", "RCPT TO:<x@relay.test>", "DATA", "FOO", "MAIL FROM:<bad",
-                    "VRFY bob"]:
+        for cmd in [
+            "NOOP",
+            "RSET",
+            "RCPT TO:<x@relay.test>",
+            "DATA",
+            "FOO",
+            "MAIL FROM:<bad",
+            "VRFY bob",
+        ]:
             reply = c.cmd(cmd)
             assert reply[4:5].isdigit() and reply[5] == ".", (cmd, reply)
 
@@ -398,8 +423,14 @@ def test_kill_9_after_acknowledgements_loses_nothing(tmp_path: Path) -> None:
         with r.smtp("inbound") as s:
             s.ehlo("client.test")
             for i in range(20):
-                acked.append(send(s, "a@sender.test", ["bob@relay.test"],
-                                  f"Subject: {i}\r\n\r\nmessage {i}\r\n".encode()))
+                acked.append(
+                    send(
+                        s,
+                        "a@sender.test",
+                        ["bob@relay.test"],
+                        f"Subject: {i}\r\n\r\nmessage {i}\r\n".encode(),
+                    )
+                )
         r.kill()
         assert set(acked) <= spool_ids(r)
         r.start()

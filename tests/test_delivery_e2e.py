@@ -27,18 +27,33 @@ MSG = b"From: alice@sender.test\r\nTo: bob@example.org\r\nSubject: hello\r\n\r\n
 def zone(dns: DNSServer, pool: MXPool) -> None:
     """example.org: mx1 (10), mx2 (20); sender.test (where bounces go): mx3."""
     dns.add(
-        "example.org MX 10 mx1.test", "example.org MX 20 mx2.test",
+        "example.org MX 10 mx1.test",
+        "example.org MX 20 mx2.test",
         "sender.test MX 10 mx3.test",
-        "mx1.test A 127.0.0.2", "mx2.test A 127.0.0.3", "mx3.test A 127.0.0.4",
+        "mx1.test A 127.0.0.2",
+        "mx2.test A 127.0.0.3",
+        "mx3.test A 127.0.0.4",
         "mx4.test A 127.0.0.5",
     )
 
 
-def start(tmp_path: Path, dns: DNSServer, pool: MXPool, delivery: str = "", extra: str = "",
-          retry: str = "1s") -> Relayd:
-    r = Relayd(tmp_path / "relayd", dns_address=dns.address, hold_delivery=False, extra=(
-        f'[delivery]\nport = {pool.port}\nretry = ["{retry}"]\nconnect_timeout = "3s"\n'
-        f'command_timeout = "5s"\n{delivery}\n{extra}'))
+def start(
+    tmp_path: Path,
+    dns: DNSServer,
+    pool: MXPool,
+    delivery: str = "",
+    extra: str = "",
+    retry: str = "1s",
+) -> Relayd:
+    r = Relayd(
+        tmp_path / "relayd",
+        dns_address=dns.address,
+        hold_delivery=False,
+        extra=(
+            f'[delivery]\nport = {pool.port}\nretry = ["{retry}"]\nconnect_timeout = "3s"\n'
+            f'command_timeout = "5s"\n{delivery}\n{extra}'
+        ),
+    )
     return r.start()
 
 
@@ -138,8 +153,9 @@ def test_null_sender_is_never_bounced(relayd: Relayd, mx_pool: MXPool) -> None:
     assert f"{qid}: to=<nobody@example.org>" in relayd.log()
 
 
-def test_4xx_defers_then_flush_delivers(tmp_path: Path, dns_server: DNSServer,
-                                        mx_pool: MXPool) -> None:
+def test_4xx_defers_then_flush_delivers(
+    tmp_path: Path, dns_server: DNSServer, mx_pool: MXPool
+) -> None:
     zone(dns_server, mx_pool)
     mx = mx_pool["127.0.0.2"]
     mx.reply_for("bob@example.org", "451 4.7.1 greylisted, try later", "250 2.1.5 OK")
@@ -183,12 +199,21 @@ def test_smarthost_with_auth_over_starttls(tmp_path: Path, dns_server: DNSServer
     dns_server.add("smarthost.test A 127.0.0.6")
     secret = tmp_path / "smarthost.pw"
     secret.write_text("s3cret\n")
-    route = (f'[[route]]\ndomain = "*"\nvia = "smarthost.test:{port}"\nusername = "relay"\n'
-             f'password_file = "{secret}"\ntls = "starttls"\nca_file = "{ca_file(tmp_path)}"\n')
-    with MXServer("127.0.0.6", port, cert=cert, auth={"relay": "s3cret"}, auth_required=True,
-                  hostname="smarthost.test") as smarthost:
-        r = Relayd(tmp_path / "relayd", dns_address=dns_server.address, hold_delivery=False,
-                   extra=route)
+    route = (
+        f'[[route]]\ndomain = "*"\nvia = "smarthost.test:{port}"\nusername = "relay"\n'
+        f'password_file = "{secret}"\ntls = "starttls"\nca_file = "{ca_file(tmp_path)}"\n'
+    )
+    with MXServer(
+        "127.0.0.6",
+        port,
+        cert=cert,
+        auth={"relay": "s3cret"},
+        auth_required=True,
+        hostname="smarthost.test",
+    ) as smarthost:
+        r = Relayd(
+            tmp_path / "relayd", dns_address=dns_server.address, hold_delivery=False, extra=route
+        )
         with r:
             r.start()
             inject(r, "alice@sender.test", ["bob@example.org", "carol@example.net"])
@@ -209,8 +234,9 @@ def test_connection_reuse(relayd: Relayd, mx_pool: MXPool) -> None:
     assert mx.connections < 5
 
 
-def test_restart_mid_queue_loses_nothing(tmp_path: Path, dns_server: DNSServer,
-                                         mx_pool: MXPool) -> None:
+def test_restart_mid_queue_loses_nothing(
+    tmp_path: Path, dns_server: DNSServer, mx_pool: MXPool
+) -> None:
     zone(dns_server, mx_pool)
     for host in ("127.0.0.2", "127.0.0.3"):
         mx_pool[host].reply_for("*", "451 4.3.0 come back later")
@@ -226,7 +252,6 @@ def test_restart_mid_queue_loses_nothing(tmp_path: Path, dns_server: DNSServer,
         assert r.ctl("queue", "flush").returncode == 0
         for qid in ids:
             wait_gone(r, qid, timeout=30)
-        got = [m.rcpt_tos[0] for host in ("127.0.0.2", "127.0.0.3")
-               for m in mx_pool[host].messages]
+        got = [m.rcpt_tos[0] for host in ("127.0.0.2", "127.0.0.3") for m in mx_pool[host].messages]
         assert sorted(got) == sorted(f"u{i}@example.org" for i in range(6))  # once each
         assert r.stop() == 0

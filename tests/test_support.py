@@ -95,7 +95,8 @@ def test_dns_several_records_and_ttl(dns_server: DNSServer) -> None:
         (20, "mx2.example.test."),
     ]
     assert answer.rrset is not None and answer.rrset.ttl == 60
-    assert dns_server.resolver().resolve("mx1.example.test", "A").rrset.ttl == 300
+    default = dns_server.resolver().resolve("mx1.example.test", "A").rrset
+    assert default is not None and default.ttl == 300
 
 
 def test_dns_names_are_case_insensitive_with_optional_dot(dns_server: DNSServer) -> None:
@@ -392,8 +393,11 @@ def test_mx_greeting_and_ehlo_name(mx: MXServer) -> None:
         assert code == 250
         assert client.ehlo_resp is not None and client.ehlo_resp.startswith(b"mx.test")
     mx.greeting = "220 custom.test ESMTP hello"
-    with socket.create_connection((mx.host, mx.port), timeout=5) as sock:
-        assert sock.makefile("rb").readline() == b"220 custom.test ESMTP hello\r\n"
+    with (
+        socket.create_connection((mx.host, mx.port), timeout=5) as sock,
+        sock.makefile("rb") as stream,
+    ):
+        assert stream.readline() == b"220 custom.test ESMTP hello\r\n"
 
 
 def test_mx_per_recipient_replies(mx: MXServer) -> None:
@@ -502,7 +506,7 @@ def test_mx_implicit_tls(cert: tuple[Path, Path]) -> None:
         assert message.tls and message.auth_user == "relay"
         # A client speaking plain SMTP to an implicit-TLS port gets no greeting.
         with pytest.raises((smtplib.SMTPServerDisconnected, TimeoutError, OSError)):
-            smtplib.SMTP(mx.host, mx.port, timeout=1).close()
+            smtplib.SMTP(mx.host, mx.port, timeout=0.3).close()
 
 
 def test_mx_auth_only_after_tls(cert: tuple[Path, Path]) -> None:
@@ -545,8 +549,10 @@ def test_mx_421_greeting(mx: MXServer) -> None:
     with pytest.raises(smtplib.SMTPConnectError) as info:
         smtplib.SMTP(mx.host, mx.port, timeout=5)
     assert info.value.smtp_code == 421
-    with socket.create_connection((mx.host, mx.port), timeout=5) as sock:
-        stream = sock.makefile("rb")
+    with (
+        socket.create_connection((mx.host, mx.port), timeout=5) as sock,
+        sock.makefile("rb") as stream,
+    ):
         assert stream.readline() == b"421 4.3.2 busy, try later\r\n"
         assert stream.readline() == b""  # the server closed
     assert mx.connections == 2 and mx.messages == []
@@ -554,8 +560,10 @@ def test_mx_421_greeting(mx: MXServer) -> None:
 
 def test_mx_554_greeting_answers_503_until_quit(mx: MXServer) -> None:
     mx.greeting = "554 5.7.1 no service for you"
-    with socket.create_connection((mx.host, mx.port), timeout=5) as sock:
-        stream = sock.makefile("rwb")
+    with (
+        socket.create_connection((mx.host, mx.port), timeout=5) as sock,
+        sock.makefile("rwb") as stream,
+    ):
         assert stream.readline().startswith(b"554 ")
         stream.write(b"EHLO c.test\r\n")
         stream.flush()

@@ -78,8 +78,10 @@ class ControlServer:
         except (ValueError, KeyError, TypeError):
             return {"ok": False, "error": "malformed request"}
         if cmd in MUTATING and not self._allowed(sock):
-            return {"ok": False, "error": "permission denied: run as root or a member of the "
-                    "relayd control group"}
+            return {
+                "ok": False,
+                "error": "permission denied: run as root or a member of the relayd control group",
+            }
         handler = getattr(self, f"_cmd_{cmd}", None)
         if handler is None:
             return {"ok": False, "error": f"unknown command {cmd!r}"}

@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from email.utils import format_datetime, formatdate
 
 
-
 @dataclass(frozen=True)
 class TraceInfo:
     """What the Received: header says about the hop that just happened."""

@@ -42,15 +42,21 @@ class InboundChecks:
         if not self._applies(client, trusted) or not cfg.spf.enabled:
             return None, [], _State(None)
         mail_from = str(sender) if sender else ""
-        result = await spf.check_spf_async(client.ip, helo, mail_from, self.sync_resolver,
-                                           cfg.dns.timeout * 2)
+        result = await spf.check_spf_async(
+            client.ip, helo, mail_from, self.sync_resolver, cfg.dns.timeout * 2
+        )
         verdict = spf.spf_verdict(result, cfg.spf)
         value = spf.received_spf_header(result, cfg.hostname, client.ip, helo, mail_from)
         return verdict, [b"Received-SPF: " + value.encode() + b"\r\n"], _State(result)
 
     async def at_data(
-        self, client: ClientInfo, helo: str, sender: Address | None, trusted: bool,
-        message: bytes, state: object,
+        self,
+        client: ClientInfo,
+        helo: str,
+        sender: Address | None,
+        trusted: bool,
+        message: bytes,
+        state: object,
     ) -> tuple[Verdict, bytes]:
         if not self._applies(client, trusted):
             return None, message
@@ -58,8 +64,9 @@ class InboundChecks:
         message = authresults.strip_forged(message, hostname)
         spf_result = state.spf if isinstance(state, _State) else None
         dkim_results = await dkim.verify_async(message, self.sync_resolver, self.config.dns.timeout)
-        result = await dmarc.check_dmarc_async(self.async_resolver, dkim.from_domain(message),
-                                               spf_result, dkim_results)
+        result = await dmarc.check_dmarc_async(
+            self.async_resolver, dkim.from_domain(message), spf_result, dkim_results
+        )
         verdict = dmarc.dmarc_verdict(result, self.config.dmarc)
         value = authresults.authentication_results(hostname, spf_result, dkim_results, result)
         return verdict, b"Authentication-Results: " + value.encode() + b"\r\n" + message

@@ -25,7 +25,13 @@ BACKLOG = 1024
 
 
 def _key(listener: Listener) -> tuple[str, str, int, str, str]:
-    return (listener.name, listener.address.host, listener.address.port, listener.mode, listener.tls)
+    return (
+        listener.name,
+        listener.address.host,
+        listener.address.port,
+        listener.mode,
+        listener.tls,
+    )
 
 
 def bind(listener: Listener) -> socket.socket:
@@ -61,7 +67,9 @@ class Listeners:
         return sum(1 for s in self._sessions if s.transport is not None)
 
     async def apply(
-        self, listeners: tuple[Listener, ...], inherited: dict[str, list[socket.socket]] | None = None
+        self,
+        listeners: tuple[Listener, ...],
+        inherited: dict[str, list[socket.socket]] | None = None,
     ) -> None:
         """Open the listeners not yet open, close those no longer configured.
 
@@ -82,16 +90,23 @@ class Listeners:
             try:
                 sock = bind(listener)
             except OSError as exc:
-                raise OSError(exc.errno, f"listener {listener.name}: cannot bind "
-                              f"{listener.address}: {exc.strerror}") from exc
+                raise OSError(
+                    exc.errno,
+                    f"listener {listener.name}: cannot bind {listener.address}: {exc.strerror}",
+                ) from exc
         loop = asyncio.get_running_loop()
         tls = self._implicit_context() if listener.tls == "implicit" else None
         server = await loop.create_server(
-            lambda: self._session(listener), sock=sock, ssl=tls,
+            lambda: self._session(listener),
+            sock=sock,
+            ssl=tls,
             ssl_handshake_timeout=30 if tls is not None else None,
         )
-        log.event("master", f"listening on {listener.address} as {listener.name} "
-                  f"({listener.mode}, tls={listener.tls})")
+        log.event(
+            "master",
+            f"listening on {listener.address} as {listener.name} "
+            f"({listener.mode}, tls={listener.tls})",
+        )
         return server
 
     def _session(self, listener: Listener) -> Session:
@@ -130,19 +145,24 @@ class Listeners:
         while self.active_sessions and loop.time() < deadline:
             await asyncio.sleep(0.05)
         for session in list(self._sessions):
-            if session.transport is not None:
+            transport = session.transport
+            if isinstance(transport, asyncio.WriteTransport):
                 with contextlib.suppress(Exception):
-                    session.transport.write(b"421 4.3.2 Service shutting down\r\n")
-                    session.transport.close()
+                    transport.write(b"421 4.3.2 Service shutting down\r\n")
+                    transport.close()
 
 
-def _take_inherited(listener: Listener, inherited: dict[str, list[socket.socket]]) -> socket.socket | None:
+def _take_inherited(
+    listener: Listener, inherited: dict[str, list[socket.socket]]
+) -> socket.socket | None:
     """A socket systemd passed for this listener (matched by name, then by address)."""
     for name, socks in inherited.items():
         for sock in list(socks):
             addr = sock.getsockname()
-            if name == listener.name or (addr[1] == listener.address.port
-                                         and addr[0] in (listener.address.host, "::", "0.0.0.0")):
+            if name == listener.name or (
+                addr[1] == listener.address.port
+                and addr[0] in (listener.address.host, "::", "0.0.0.0")
+            ):
                 socks.remove(sock)
                 sock.setblocking(False)
                 return sock

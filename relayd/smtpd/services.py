@@ -58,8 +58,13 @@ class NoChecks:
         return None, [], None
 
     async def at_data(
-        self, client: ClientInfo, helo: str, sender: Address | None, trusted: bool,
-        message: bytes, state: object,
+        self,
+        client: ClientInfo,
+        helo: str,
+        sender: Address | None,
+        trusted: bool,
+        message: bytes,
+        state: object,
     ) -> tuple[Verdict, bytes]:
         return None, message
 

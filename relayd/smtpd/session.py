@@ -20,11 +20,10 @@ import logging
 import re
 import ssl
 import time
+import warnings
 from base64 import b64decode
 from collections import Counter
 from typing import Any
-
-import warnings
 
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
@@ -44,11 +43,29 @@ warnings.filterwarnings("ignore", message="Session.login_data is deprecated")
 
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -]\d\.\d{1,3}\.\d{1,3}(?: |$)")
 _DEFAULT_ENHANCED = {
-    "220": "2.0.0", "221": "2.0.0", "235": "2.7.0", "250": "2.0.0", "252": "2.0.0",
-    "421": "4.3.0", "450": "4.2.0", "451": "4.3.0", "452": "4.3.1", "454": "4.7.0",
-    "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4",
-    "530": "5.7.0", "535": "5.7.8", "538": "5.7.11", "550": "5.0.0", "552": "5.3.4",
-    "553": "5.1.3", "554": "5.0.0", "555": "5.5.4",
+    "220": "2.0.0",
+    "221": "2.0.0",
+    "235": "2.7.0",
+    "250": "2.0.0",
+    "252": "2.0.0",
+    "421": "4.3.0",
+    "450": "4.2.0",
+    "451": "4.3.0",
+    "452": "4.3.1",
+    "454": "4.7.0",
+    "500": "5.5.2",
+    "501": "5.5.4",
+    "502": "5.5.1",
+    "503": "5.5.1",
+    "504": "5.5.4",
+    "530": "5.7.0",
+    "535": "5.7.8",
+    "538": "5.7.11",
+    "550": "5.0.0",
+    "552": "5.3.4",
+    "553": "5.1.3",
+    "554": "5.0.0",
+    "555": "5.5.4",
 }
 _DATA_PROBLEMS = {
     "too_big": "552 5.3.4 Message size exceeds fixed limit",
@@ -83,7 +100,9 @@ class Session(SMTP):  # type: ignore[misc]
         self.listener = listener
         self.program = _PROGRAM[listener.mode] if listener.tls != "implicit" else "smtps/smtpd"
         self.command_size_limits = _command_limits()
-        self.client = ClientInfo(ip="", port=0, listener=listener.name, inbound=listener.mode == "inbound")
+        self.client = ClientInfo(
+            ip="", port=0, listener=listener.name, inbound=listener.mode == "inbound"
+        )
         self.user: str | None = None
         self.queue_id: str | None = None
         self.sender: Address | None = None
@@ -95,7 +114,9 @@ class Session(SMTP):  # type: ignore[misc]
         self.counts: Counter[str] = Counter()
         self._raw_replies = True  # the greeting carries no enhanced code
         self._connected = False
-        self._smtp_methods = {name: self._counted(name, m) for name, m in self._smtp_methods.items()}
+        self._smtp_methods = {
+            name: self._counted(name, m) for name, m in self._smtp_methods.items()
+        }
 
     # ---- connection lifecycle -------------------------------------------
 
@@ -103,13 +124,19 @@ class Session(SMTP):  # type: ignore[misc]
         if self.transport is None:
             peer = transport.get_extra_info("peername") or ("", 0)
             self.client = ClientInfo(
-                ip=str(peer[0]), port=int(peer[1]), listener=self.listener.name,
+                ip=str(peer[0]),
+                port=int(peer[1]),
+                listener=self.listener.name,
                 inbound=self.listener.mode == "inbound",
             )
             self.refusal = self.services.connections.acquire(self.client.ip)
             self._connected = self.refusal is None
-            log.event(self.program, f"connect from unknown[{self.client.ip}]",
-                      level=logging.DEBUG, client_ip=self.client.ip)
+            log.event(
+                self.program,
+                f"connect from unknown[{self.client.ip}]",
+                level=logging.DEBUG,
+                client_ip=self.client.ip,
+            )
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -128,17 +155,25 @@ class Session(SMTP):  # type: ignore[misc]
         await super()._handle_client()
 
     def _timeout_cb(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
-            log.event(self.program, f"timeout after {self._last_command()} from "
-                      f"unknown[{self.client.ip}]", client_ip=self.client.ip)
-        super()._timeout_cb()
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
+            log.event(
+                self.program,
+                f"timeout after {self._last_command()} from unknown[{self.client.ip}]",
+                client_ip=self.client.ip,
+            )
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     def _log_disconnect(self) -> None:
         stats = " ".join(f"{k.lower()}={v}" for k, v in self.counts.items())
         total = sum(self.counts.values())
-        log.event(self.program, f"disconnect from unknown[{self.client.ip}] {stats} commands={total}",
-                  client_ip=self.client.ip, listener=self.listener.name)
+        log.event(
+            self.program,
+            f"disconnect from unknown[{self.client.ip}] {stats} commands={total}",
+            client_ip=self.client.ip,
+            listener=self.listener.name,
+        )
 
     def _last_command(self) -> str:
         return next(reversed(self.counts), "CONNECT")
@@ -153,11 +188,12 @@ class Session(SMTP):  # type: ignore[misc]
 
     # ---- replies ----------------------------------------------------------
 
-    async def push(self, status: str | bytes) -> None:
-        if isinstance(status, str) and not self._raw_replies:
-            status = _enhance(status)
-        self._raw_replies = False
-        await super().push(status)
+    async def push(self, status: str | bytes) -> None:  # type: ignore[override]
+        raw, self._raw_replies = self._raw_replies, False
+        if isinstance(status, str):
+            await super().push(status if raw else _enhance(status))
+        else:
+            await super().push(status)
 
     async def _push_lines(self, code: int, lines: list[str]) -> None:
         text = "".join(
@@ -188,8 +224,14 @@ class Session(SMTP):  # type: ignore[misc]
         assert self.session is not None
         self.session.extended_smtp = True
         self.session.host_name = hostname
-        lines = [self.hostname, "PIPELINING", f"SIZE {self.data_size_limit}", "8BITMIME",
-                 "SMTPUTF8", "ENHANCEDSTATUSCODES"]
+        lines = [
+            self.hostname,
+            "PIPELINING",
+            f"SIZE {self.data_size_limit}",
+            "8BITMIME",
+            "SMTPUTF8",
+            "ENHANCEDSTATUSCODES",
+        ]
         if self.tls_context is not None and self._tls_protocol is None:
             lines.append("STARTTLS")
         if self._tls_active():
@@ -212,7 +254,7 @@ class Session(SMTP):  # type: ignore[misc]
             return
         # Anything the client pipelined behind STARTTLS was sent in clear text
         # and must not be executed after the handshake (CVE-2011-0411).
-        self._reader._buffer.clear()
+        self._reader._buffer.clear()  # type: ignore[attr-defined]
         await super().smtp_STARTTLS(arg)
         self._reset_transaction()
 
@@ -233,7 +275,7 @@ class Session(SMTP):  # type: ignore[misc]
         await self.push("502 5.5.1 EXPN not available")
 
     def _reset_transaction(self) -> None:
-        self._set_rset_state()
+        self._set_rset_state()  # type: ignore[no-untyped-call]
         self.queue_id = None
         self.sender = None
         self.mail_params = {}
@@ -302,17 +344,26 @@ class Session(SMTP):  # type: ignore[misc]
         if ok:
             throttle.success(self.client.ip)
             self.user = name.lower()
-            return AuthResult(success=True, auth_data=LoginPassword(login, b""),
-                              message="235 2.7.0 Authentication successful")
+            return AuthResult(
+                success=True,
+                auth_data=LoginPassword(login, b""),
+                message="235 2.7.0 Authentication successful",
+            )
         throttle.failure(time.time(), self.client.ip)
-        log.event(self.program, f"warning: unknown[{self.client.ip}]: SASL {mechanism} "
-                  "authentication failed: authentication failure", level=logging.WARNING,
-                  client_ip=self.client.ip, sasl_username=name)
+        log.event(
+            self.program,
+            f"warning: unknown[{self.client.ip}]: SASL {mechanism} "
+            "authentication failed: authentication failure",
+            level=logging.WARNING,
+            client_ip=self.client.ip,
+            sasl_username=name,
+        )
         delay = throttle.delay(time.time(), self.client.ip)
         if delay > 0:
             await asyncio.sleep(delay)
-        return AuthResult(success=False, handled=False,
-                          message="535 5.7.8 Error: authentication failed")
+        return AuthResult(
+            success=False, handled=False, message="535 5.7.8 Error: authentication failed"
+        )
 
     # ---- the transaction ------------------------------------------------------
 
@@ -335,7 +386,7 @@ class Session(SMTP):  # type: ignore[misc]
             return "530 5.7.0 Authentication required"
         if self.queue_id is not None:
             return "503 5.5.1 Error: nested MAIL command"
-        if not arg or not arg[:5].upper() == "FROM:":
+        if not arg or arg[:5].upper() != "FROM:":
             return "501 5.5.4 Syntax: MAIL FROM:<address>"
         try:
             sender, param_text = parse_path(arg[5:], allow_null=True, smtputf8=True)
@@ -347,7 +398,9 @@ class Session(SMTP):  # type: ignore[misc]
             return problem
         return await self._mail_policy(sender, params)
 
-    def _mail_params_problem(self, params: dict[str, str | None], sender: Address | None) -> str | None:
+    def _mail_params_problem(
+        self, params: dict[str, str | None], sender: Address | None
+    ) -> str | None:
         limit = self.services.config.limits.max_message_size
         for key, value in params.items():
             if key == "SIZE":
@@ -367,7 +420,9 @@ class Session(SMTP):  # type: ignore[misc]
             return "553 5.6.7 Non-ASCII sender requires SMTPUTF8"
         return None
 
-    async def _mail_policy(self, sender: Address | None, params: dict[str, str | None]) -> str | None:
+    async def _mail_policy(
+        self, sender: Address | None, params: dict[str, str | None]
+    ) -> str | None:
         services = self.services
         if services.spool_full():
             return "452 4.3.1 Insufficient system storage"
@@ -381,7 +436,10 @@ class Session(SMTP):  # type: ignore[misc]
             return verdict.reply()
         assert self.session is not None
         verdict, trace, self.check_state = await services.checks.at_mail(
-            self.client, self.session.host_name, sender, self.user is not None or self._may_relay()
+            self.client,
+            self.session.host_name or "",
+            sender,
+            self.user is not None or self._may_relay(),
         )
         if verdict is not None:
             return verdict.reply()
@@ -392,8 +450,14 @@ class Session(SMTP):  # type: ignore[misc]
         who = f"client=unknown[{self.client.ip}]"
         if self.user is not None:
             who += f", sasl_method=PLAIN, sasl_username={self.user}"
-        log.event(self.program, who, queue_id=self.queue_id, client_ip=self.client.ip,
-                  sasl_username=self.user, listener=self.listener.name)
+        log.event(
+            self.program,
+            who,
+            queue_id=self.queue_id,
+            client_ip=self.client.ip,
+            sasl_username=self.user,
+            listener=self.listener.name,
+        )
         return None
 
     async def smtp_RCPT(self, arg: str | None) -> None:
@@ -405,11 +469,12 @@ class Session(SMTP):  # type: ignore[misc]
     def _rcpt_reply(self, arg: str | None) -> str:
         if self.queue_id is None:
             return "503 5.5.1 Error: need MAIL command"
-        if not arg or not arg[:3].upper() == "TO:":
+        if not arg or arg[:3].upper() != "TO:":
             return "501 5.5.4 Syntax: RCPT TO:<address>"
         try:
-            rcpt, param_text = parse_path(arg[3:], allow_null=False,
-                                          smtputf8="SMTPUTF8" in self.mail_params)
+            rcpt, param_text = parse_path(
+                arg[3:], allow_null=False, smtputf8="SMTPUTF8" in self.mail_params
+            )
             params = parse_params(param_text)
         except (AddressError, ValueError) as exc:
             return f"501 5.1.3 Bad recipient address syntax: {exc}"
@@ -419,8 +484,12 @@ class Session(SMTP):  # type: ignore[misc]
         if len(self.recipients) >= self.services.config.limits.max_recipients:
             return "452 4.5.3 Error: too many recipients"
         relay = self.services.config.relay
-        verdict = recipient_verdict(rcpt, relay_allowed=self._may_relay(),
-                                    inbound=self.listener.mode == "inbound", domains=relay.domains)
+        verdict = recipient_verdict(
+            rcpt,
+            relay_allowed=self._may_relay(),
+            inbound=self.listener.mode == "inbound",
+            domains=relay.domains,
+        )
         if verdict is not None:
             return f"{verdict.code} {verdict.enhanced} <{rcpt}>: {verdict.text}"
         self.recipients.append(rcpt)
@@ -429,10 +498,15 @@ class Session(SMTP):  # type: ignore[misc]
     def _log_reject(self, stage: str, reply: str, arg: str | None) -> None:
         assert self.session is not None
         sender = f"<{self.sender}>" if self.sender else "<>"
-        log.event(self.program, f"reject: {stage} from unknown[{self.client.ip}]: {reply}; "
-                  f"from={sender} to={(arg or '')[3:].strip()} proto=ESMTP "
-                  f"helo=<{self.session.host_name or ''}>", queue_id=self.queue_id or "NOQUEUE",
-                  client_ip=self.client.ip, smtp_reply=reply)
+        log.event(
+            self.program,
+            f"reject: {stage} from unknown[{self.client.ip}]: {reply}; "
+            f"from={sender} to={(arg or '')[3:].strip()} proto=ESMTP "
+            f"helo=<{self.session.host_name or ''}>",
+            queue_id=self.queue_id or "NOQUEUE",
+            client_ip=self.client.ip,
+            smtp_reply=reply,
+        )
 
     async def smtp_DATA(self, arg: str | None) -> None:
         if self.queue_id is None:
@@ -445,8 +519,11 @@ class Session(SMTP):  # type: ignore[misc]
             await self.push("501 5.5.4 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        result = await dataread.read_data(self._reader, self.services.config.limits.max_message_size,
-                                          on_progress=self._reset_timeout)
+        result = await dataread.read_data(
+            self._reader,
+            self.services.config.limits.max_message_size,
+            on_progress=self._reset_timeout,
+        )
         reply = await self._accept(result)
         self._reset_transaction()
         await self.push(reply)
@@ -466,8 +543,12 @@ class Session(SMTP):  # type: ignore[misc]
         try:
             await self.services.enqueue(envelope, message)
         except SpoolError as exc:
-            log.event(self.program, f"warning: queue file write error: {exc}", queue_id=self.queue_id,
-                      level=logging.ERROR)
+            log.event(
+                self.program,
+                f"warning: queue file write error: {exc}",
+                queue_id=self.queue_id,
+                level=logging.ERROR,
+            )
             return "451 4.3.0 Error: queue file write error"
         return f"250 2.0.0 Ok: queued as {self.queue_id}"
 
@@ -477,7 +558,12 @@ class Session(SMTP):  # type: ignore[misc]
         submitted = self.user is not None or self._may_relay()
         assert self.session is not None
         verdict, message = await services.checks.at_data(
-            self.client, self.session.host_name, self.sender, submitted, message, self.check_state
+            self.client,
+            self.session.host_name or "",
+            self.sender,
+            submitted,
+            message,
+            self.check_state,
         )
         if verdict is not None:
             raise _Refused(verdict.reply())
@@ -490,10 +576,14 @@ class Session(SMTP):  # type: ignore[misc]
         assert self.session is not None and self.queue_id is not None
         version, cipher = self._tls_info()
         info = headers.TraceInfo(
-            helo=self.session.host_name or "", client_ip=self.client.ip,
-            hostname=self.services.config.hostname, queue_id=self.queue_id,
+            helo=self.session.host_name or "",
+            client_ip=self.client.ip,
+            hostname=self.services.config.hostname,
+            queue_id=self.queue_id,
             recipient=str(self.recipients[0]) if len(self.recipients) == 1 else None,
-            esmtp=bool(self.session.extended_smtp), tls_version=version, tls_cipher=cipher,
+            esmtp=bool(self.session.extended_smtp),
+            tls_version=version,
+            tls_cipher=cipher,
             authenticated=self.user is not None,
         )
         return headers.received(info)

@@ -60,10 +60,10 @@ _UDP_DEFAULT_PAYLOAD = 512  # RFC 1035 limit for a query without EDNS
 _TCP_IDLE_TIMEOUT = 10.0
 _BIND_ATTEMPTS = 20
 
-_Zone = dict[dns.name.Name, dict[int, dns.rdataset.Rdataset]]
+_Zone = dict[dns.name.Name, dict[dns.rdatatype.RdataType, dns.rdataset.Rdataset]]
 
 
-def _parse_name(text: str, rdtype: int | None = None) -> dns.name.Name:
+def _parse_name(text: str, rdtype: dns.rdatatype.RdataType | None = None) -> dns.name.Name:
     """Parse an owner name; a bare IP address for a PTR record means its reverse name.
 
     Names without a trailing dot are taken as absolute: test zones have no origin.
@@ -74,10 +74,10 @@ def _parse_name(text: str, rdtype: int | None = None) -> dns.name.Name:
     return dns.name.from_text(text, origin=dns.name.root)
 
 
-def _parse_rdtype(text: str) -> int:
+def _parse_rdtype(text: str) -> dns.rdatatype.RdataType:
     """Parse a record type name such as ``MX`` (case-insensitive)."""
     try:
-        return int(dns.rdatatype.from_text(text.upper()))
+        return dns.rdatatype.from_text(text.upper())
     except dns.rdatatype.UnknownRdatatype:
         raise ValueError(f"unknown record type {text!r}") from None
 
@@ -106,7 +106,9 @@ def _txt_rdata(text: str) -> dns.rdata.Rdata:
     return dns.rdtypes.ANY.TXT.TXT(dns.rdataclass.IN, dns.rdatatype.TXT, chunks)
 
 
-def parse_record(line: str) -> tuple[dns.name.Name, int, int, dns.rdata.Rdata]:
+def parse_record(
+    line: str,
+) -> tuple[dns.name.Name, int, dns.rdatatype.RdataType, dns.rdata.Rdata]:
     """Parse ``NAME [TTL] [IN] TYPE RDATA`` into (name, ttl, rdtype, rdata)."""
     fields = line.split(None, 1)
     if len(fields) != 2:
@@ -131,6 +133,11 @@ def parse_record(line: str) -> tuple[dns.name.Name, int, int, dns.rdata.Rdata]:
             dns.rdataclass.IN, rdtype, data, origin=dns.name.root, relativize=False
         )
     return name, ttl, rdtype, rdata
+
+
+def _rrset(name: dns.name.Name, rdataset: dns.rdataset.Rdataset) -> dns.rrset.RRset:
+    """The records of ``rdataset`` as an RRset owned by ``name`` (for a message section)."""
+    return dns.rrset.from_rdata_list(name, rdataset.ttl, list(rdataset))
 
 
 class _UDPProtocol(asyncio.DatagramProtocol):
@@ -171,7 +178,7 @@ class DNSServer:
         self.query_log: list[tuple[str, str, str]] = []
         self._family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
         self._zone: _Zone = {}
-        self._faults: dict[tuple[dns.name.Name, int | None], str] = {}
+        self._faults: dict[tuple[dns.name.Name, dns.rdatatype.RdataType | None], str] = {}
         self._lock = threading.Lock()
         self._loop = LoopThread(f"DNSServer-{host}")
         self._udp_transport: asyncio.DatagramTransport | None = None
@@ -350,10 +357,15 @@ class DNSServer:
         """True if ``name`` owns records or is an empty non-terminal above some."""
         return name in self._zone or any(owner.is_subdomain(name) for owner in self._zone)
 
-    def _fault_for(self, name: dns.name.Name, rdtype: int) -> str | None:
+    def _fault_for(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> str | None:
         return self._faults.get((name, rdtype)) or self._faults.get((name, None))
 
-    def _fill(self, response: dns.message.Message, qname: dns.name.Name, qtype: int) -> None:
+    def _fill(
+        self,
+        response: dns.message.Message,
+        qname: dns.name.Name,
+        qtype: dns.rdatatype.RdataType,
+    ) -> None:
         """Put the zone's answer for (qname, qtype) into ``response``."""
         current = qname
         for _ in range(_MAX_CNAME_CHAIN):
@@ -367,16 +379,12 @@ class DNSServer:
                 wanted = [node[qtype]]
             if wanted:
                 for rdataset in wanted:
-                    rrset = dns.rrset.RRset(current, rdataset.rdclass, rdataset.rdtype)
-                    rrset.update(rdataset)
-                    response.answer.append(rrset)
+                    response.answer.append(_rrset(current, rdataset))
                 return
             cname = node.get(dns.rdatatype.CNAME)
             if cname is None:
                 return  # the name exists, the type does not: NOERROR, no data
-            rrset = dns.rrset.RRset(current, cname.rdclass, cname.rdtype)
-            rrset.update(cname)
-            response.answer.append(rrset)
+            response.answer.append(_rrset(current, cname))
             target = next(iter(cname)).target
             assert isinstance(target, dns.name.Name)
             current = target

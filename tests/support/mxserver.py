@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, AnyStr, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, Session
 
@@ -127,7 +127,7 @@ class _SMTPSession(SMTP):
         self._mx = mx
         self._mx_greeting = greeting
         self._mx_greeted = False
-        self._mx_raw_transport: asyncio.BaseTransport | None = None
+        self._mx_raw_transport: asyncio.Transport | None = None
         self.implicit_tls = False
 
     def _create_session(self) -> Session:
@@ -135,9 +135,9 @@ class _SMTPSession(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._mx_raw_transport is None:  # the first call; the second follows STARTTLS
-            self._mx_raw_transport = transport
+            self._mx_raw_transport = cast(asyncio.Transport, transport)
             self.implicit_tls = transport.get_extra_info("ssl_object") is not None
-            self._mx._transports.add(transport)
+            self._mx._transports.add(self._mx_raw_transport)
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -145,11 +145,12 @@ class _SMTPSession(SMTP):
             self._mx._transports.discard(self._mx_raw_transport)
         super().connection_lost(error)
 
-    async def push(self, status: str | bytes) -> None:
+    async def push(self, status: AnyStr) -> None:
         # aiosmtpd's first push is always its fixed "220 host ident" greeting.
         if not self._mx_greeted:
             self._mx_greeted = True
-            status = _wire(self._mx_greeting)
+            await super().push(_wire(self._mx_greeting))
+            return
         await super().push(status)
 
     def drop(self) -> None:
@@ -237,13 +238,13 @@ class _RawProtocol(asyncio.StreamReaderProtocol):
 
     def __init__(self, mx: MXServer, callback: RawHandler, loop: asyncio.AbstractEventLoop):
         self._mx = mx
-        self._transport: asyncio.BaseTransport | None = None
+        self._transport: asyncio.Transport | None = None
         reader = asyncio.StreamReader(limit=65536, loop=loop)
         super().__init__(reader, callback, loop=loop)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport
-        self._mx._transports.add(transport)
+        self._transport = cast(asyncio.Transport, transport)
+        self._mx._transports.add(self._transport)
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -314,7 +315,7 @@ class MXServer:
         self._rcpt_replies: dict[str, _Replies] = {}
         self._data_replies = _Replies(("250 2.0.0 OK queued",))
         self._mail_replies = _Replies(("250 2.1.0 OK",))
-        self._transports: set[asyncio.BaseTransport] = set()
+        self._transports: set[asyncio.Transport] = set()
         self._server: asyncio.Server | None = None
         self._ssl_context: ssl.SSLContext | None = None
         self._loop = LoopThread(f"MXServer-{host}")

@@ -89,8 +89,10 @@ class Relayd:
     def config_text(self) -> str:
         parts = [f'hostname = "{self.hostname}"\n']
         for s in self.listeners:
-            parts.append(f'[[listener]]\nname = "{s.name}"\naddress = "{s.host}:{s.port}"\n'
-                         f'mode = "{s.mode}"\ntls = "{s.tls}"\n')
+            parts.append(
+                f'[[listener]]\nname = "{s.name}"\naddress = "{s.host}:{s.port}"\n'
+                f'mode = "{s.mode}"\ntls = "{s.tls}"\n'
+            )
         parts.append(f'[tls]\ncert = "{self.cert}"\nkey = "{self.key}"\n')
         parts.append(f'[auth]\nusers_file = "{self.users_file}"\n{self.auth}\n')
         parts.append(f'[spool]\npath = "{self.spool}"\nmin_free_space = "1MB"\n')
@@ -98,8 +100,9 @@ class Relayd:
         parts.append('[logging]\ntarget = "stderr"\nlevel = "info"\n')
         parts.append(f'[dns]\nnameservers = ["{self.dns_address}"]\ntimeout = "2s"\n')
         if self.hold_delivery:
-            parts.append(f'[[route]]\ndomain = "*"\nvia = "127.0.0.1:{self.dead_port}"\n'
-                         'tls = "none"\n')
+            parts.append(
+                f'[[route]]\ndomain = "*"\nvia = "127.0.0.1:{self.dead_port}"\ntls = "none"\n'
+            )
         return "\n".join(parts) + "\n" + self.extra
 
     def write_config(self) -> None:
@@ -108,8 +111,13 @@ class Relayd:
     def add_user(self, name: str, password: str, *allow_from: str) -> None:
         from relayd.users import ScryptParams, cmd_user_add
 
-        cmd_user_add(self.users_file, name, password, list(allow_from),
-                     params=ScryptParams(n=2**10, r=8, p=1))
+        cmd_user_add(
+            self.users_file,
+            name,
+            password,
+            list(allow_from),
+            params=ScryptParams(n=2**10, r=8, p=1),
+        )
 
     # ---- process ----------------------------------------------------------------
 
@@ -125,7 +133,10 @@ class Relayd:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "relayd.cli", "--config", str(self.config_path)],
-            stdout=log, stderr=log, env=env, start_new_session=True,
+            stdout=log,
+            stderr=log,
+            env=env,
+            start_new_session=True,
             preexec_fn=self._limits if self.fsize_limit else None,
         )
         log.close()
@@ -196,12 +207,16 @@ class Relayd:
             time.sleep(0.05)
         raise TimeoutError(f"{text!r} not logged within {timeout}s:\n{self.log()[-3000:]}")
 
-    def ctl(self, *args: str, input: bytes | None = None, timeout: float = 30.0
-            ) -> subprocess.CompletedProcess[str]:
+    def ctl(
+        self, *args: str, input: bytes | None = None, timeout: float = 30.0
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "relayd.ctl", "--config", str(self.config_path), *args],
-            input=input.decode() if input is not None else None, capture_output=True, text=True,
-            timeout=timeout, check=False,
+            input=input.decode() if input is not None else None,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
 
     # ---- clients -------------------------------------------------------------------
@@ -212,8 +227,15 @@ class Relayd:
             return smtplib.SMTP_SSL(spec.host, spec.port, timeout=timeout, context=client_context())
         return smtplib.SMTP(spec.host, spec.port, timeout=timeout)
 
-    def submit(self, user: str, password: str, sender: str, rcpts: list[str], message: bytes,
-               name: str = "submission") -> str:
+    def submit(
+        self,
+        user: str,
+        password: str,
+        sender: str,
+        rcpts: list[str],
+        message: bytes,
+        name: str = "submission",
+    ) -> str:
         """STARTTLS, AUTH, send; the queue id from the 250 reply."""
         with self.smtp(name) as s:
             s.ehlo("client.test")
