@@ -439,3 +439,37 @@ def test_kill_9_after_acknowledgements_loses_nothing(tmp_path: Path) -> None:
         for qid in acked:
             assert qid in listing.stdout
         assert r.stop() == 0
+
+
+def test_ipv6_listener(tmp_path: Path) -> None:
+    try:
+        socket.socket(socket.AF_INET6).bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    from support.relayd_proc import ListenerSpec
+
+    with Relayd(tmp_path, listeners=(ListenerSpec("v6", "inbound", "none", 0, "::1"),)) as r:
+        r.start()
+        with smtplib.SMTP("::1", r.port("v6"), timeout=10) as s:
+            s.ehlo("client.test")
+            qid = send(s, "a@sender.test", ["bob@relay.test"], MSG)
+        assert qid in spool_ids(r)
+        assert r.stop() == 0
+
+
+def test_slow_client_does_not_hold_up_others(relayd: Relayd) -> None:
+    with raw_session(relayd.port("inbound")) as slow:
+        slow.reply()
+        slow.cmd("EHLO slow.test")
+        slow.cmd("MAIL FROM:<a@sender.test>")
+        slow.cmd("RCPT TO:<bob@relay.test>")
+        assert slow.cmd("DATA").startswith("354")
+        for piece in (b"Subject: sl", b"ow\r\n\r\nbo", b"dy\r"):
+            slow.send(piece)
+            started = time.monotonic()
+            with relayd.smtp("inbound") as fast:
+                fast.ehlo("fast.test")
+                send(fast, "a@sender.test", ["bob@relay.test"], MSG)
+            assert time.monotonic() - started < 5
+        slow.send(b"\n.\r\n")
+        assert slow.reply().startswith("250 2.0.0 Ok: queued as ")

@@ -90,7 +90,7 @@ class Relayd:
         parts = [f'hostname = "{self.hostname}"\n']
         for s in self.listeners:
             parts.append(
-                f'[[listener]]\nname = "{s.name}"\naddress = "{s.host}:{s.port}"\n'
+                f'[[listener]]\nname = "{s.name}"\naddress = "{_hostport(s.host, s.port)}"\n'
                 f'mode = "{s.mode}"\ntls = "{s.tls}"\n'
             )
         parts.append(f'[tls]\ncert = "{self.cert}"\nkey = "{self.key}"\n')
@@ -253,6 +253,10 @@ class Relayd:
         if self._dns is not None:
             self._dns.stop()
             self._dns = None
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def send(s: smtplib.SMTP, sender: str, rcpts: list[str], message: bytes) -> str:
