@@ -36,8 +36,8 @@ JOURNAL_SOCKET = "/run/systemd/journal/socket"
 # The first inherited fd under socket activation (SD_LISTEN_FDS_START).
 LISTEN_FDS_START = 3
 
-# Name systemd gives an fd when the socket unit sets no FileDescriptorName=
-# and LISTEN_FDNAMES is absent (old systemd or a foreign launcher).
+# An fd's name when $LISTEN_FDNAMES does not give one (a launcher other than
+# systemd, or systemd before v227), as sd_listen_fds_with_names() has it.
 UNNAMED = "unknown"
 
 # A notification that cannot be delivered within this time is dropped rather

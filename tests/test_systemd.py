@@ -504,6 +504,24 @@ def test_journal_message_includes_the_traceback(journal: Captured) -> None:
     assert "OSError: disk full" in message
 
 
+def test_fields_suit_systemd_pythons_send(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the real journal.send down to the datagram's KEY=value lines."""
+    journal = pytest.importorskip("systemd.journal")
+    lines: list[str] = []
+    monkeypatch.setattr(journal, "sendv", lambda *args: lines.extend(args))
+    handler = systemd.JournalHandler(journal.send)
+    record = logging.LogRecord("relayd.smtp", logging.WARNING, __file__, 7, "%s", ("x",), None)
+    record.journal_fields = {"QUEUE_ID": "4F2A9C1B7D", "DELAY": 0.42, "MESSAGE_ID": "<a@b>"}
+    handler.emit(record)
+    assert "MESSAGE=x" in lines
+    assert "QUEUE_ID=4F2A9C1B7D" in lines
+    assert "DELAY=0.42" in lines
+    assert "PRIORITY=4" in lines
+    assert "SYSLOG_IDENTIFIER=relayd/smtp" in lines
+    assert "CODE_LINE=7" in lines
+    assert not any(line.startswith("MESSAGE_ID=") for line in lines)
+
+
 def test_journal_send_failure_does_not_reach_the_caller(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

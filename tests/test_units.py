@@ -28,8 +28,8 @@ SOCKETS = {  # unit -> (FileDescriptorName, port)
 VENV = "/opt/relayd/venv"  # install.sh's VENV; the unit runs relayd from it
 
 # Measured with systemd 252 (Debian 12): 1.5 for the shipped unit, 1.4 with
-# the socket-activation drop-in from docs/security.md. Any hardening line
-# removed raises the score by at least 0.1, so these are the limits; a
+# the socket-activation drop-in from docs/security.md. Losing a hardening
+# setting typically costs 0.1 or more, so these are the limits; a
 # different systemd version that weighs settings differently means
 # re-measuring and updating docs/security.md with them.
 SECURITY_THRESHOLD = 1.5
