@@ -299,6 +299,7 @@ def _write_private(path: Path, data: bytes, force: bool) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.fchmod(fd, 0o600)
+        _give_to_daemon(fd)
         os.write(fd, data)
         os.fsync(fd)
     finally:
@@ -311,6 +312,22 @@ def _write_private(path: Path, data: bytes, force: bool) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def _give_to_daemon(fd: int) -> None:
+    """Run as root (relayctl usually is), hand the key to the ``relayd`` user.
+
+    The key stays 0600, yet the daemon, which runs as ``relayd``, can read it.
+    """
+    if os.geteuid() != 0:
+        return
+    import pwd
+
+    try:
+        owner = pwd.getpwnam("relayd")
+    except KeyError:
+        return
+    os.fchown(fd, owner.pw_uid, owner.pw_gid)
 
 
 def keygen(

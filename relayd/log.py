@@ -75,11 +75,18 @@ def setup(level: str = "info", target: str = "auto") -> None:
         from relayd import systemd
 
         handler = systemd.journal_handler(required=target == "journald")
+    missing_journal = handler is None and target == "journald"
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_StderrFormatter(stderr_is_journal()))
     root.addHandler(handler)
     root.propagate = False
+    if missing_journal:
+        from relayd import systemd
+
+        event("master", f"warning: [logging] target = \"journald\" but "
+              f"{systemd.journal_unavailable_reason()}; logging to stderr",
+              level=logging.WARNING)
 
 
 def set_level(level: str) -> None:

@@ -22,6 +22,7 @@ import importlib
 import logging
 import os
 import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -243,22 +244,51 @@ def under_systemd() -> bool:
     return bool(os.environ.get("INVOCATION_ID") or os.environ.get("JOURNAL_STREAM"))
 
 
-def _journal_send() -> JournalSend | None:
-    """systemd.journal.send if systemd-python is installed, else None."""
+def _journal_send() -> JournalSend:
+    """systemd.journal.send when systemd-python is installed, else our own sender."""
     # Imported by name: a checkout's systemd/ directory (the unit files) would
     # otherwise shadow the package for static checkers.
     try:
         journal = importlib.import_module("systemd.journal")
     except ImportError:
-        return None
+        return native_sender(JOURNAL_SOCKET)
     send: JournalSend = journal.send
+    return send
+
+
+def encode_entry(fields: dict[str, Any]) -> bytes:
+    """One entry in journald's native protocol (``KEY=value`` lines).
+
+    A value holding a newline is sent as ``KEY\n``, its length as a 64-bit
+    little-endian integer, the bytes, and ``\n`` -- the protocol's binary-safe form.
+    """
+    out = bytearray()
+    for key, value in fields.items():
+        data = value if isinstance(value, bytes) else str(value).encode("utf-8", "replace")
+        name = key.encode("ascii")
+        if b"\n" in data:
+            out += name + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
+        else:
+            out += name + b"=" + data + b"\n"
+    return bytes(out)
+
+
+def native_sender(path: str) -> JournalSend:
+    """A pure-Python ``send(**fields)`` to the journal socket at ``path``.
+
+    Lets relayd log structured entries without systemd-python (which has no
+    wheel and needs a compiler and libsystemd-dev to install).
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+    def send(**fields: Any) -> None:
+        sock.sendto(encode_entry(fields), path)
+
     return send
 
 
 def journal_unavailable_reason() -> str | None:
     """Why journal_handler(required=True) would return None, for one warning."""
-    if _journal_send() is None:
-        return "systemd-python is not installed (pip install 'relayd[systemd]')"
     if not os.path.exists(JOURNAL_SOCKET):
         return f"the journal socket {JOURNAL_SOCKET} does not exist"
     return None
@@ -277,8 +307,7 @@ def journal_handler(required: bool) -> logging.Handler | None:
         return None
     if journal_unavailable_reason() is not None:
         return None
-    send = _journal_send()
-    return JournalHandler(send) if send is not None else None
+    return JournalHandler(_journal_send())
 
 
 # Fields the handler sets itself; a same-named journal_fields entry is kept

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -369,14 +370,25 @@ def test_no_journal_handler_outside_systemd(monkeypatch: pytest.MonkeyPatch) -> 
     assert systemd.journal_handler(required=False) is None
 
 
-def test_required_journal_without_systemd_python(monkeypatch: pytest.MonkeyPatch) -> None:
-    """None (the caller warns and uses stderr), with a reason to print."""
+def test_required_journal_without_systemd_python(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Without systemd-python relayd speaks journald's protocol itself."""
     monkeypatch.setitem(sys.modules, "systemd.journal", None)  # import fails
     monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
-    assert systemd.journal_handler(required=True) is None
-    assert systemd.journal_handler(required=False) is None
+    monkeypatch.setattr(systemd, "JOURNAL_SOCKET", str(tmp_path / "missing.sock"))
+    assert systemd.journal_handler(required=True) is None  # no journal: stderr
     reason = systemd.journal_unavailable_reason()
-    assert reason is not None and "systemd-python" in reason
+    assert reason is not None and "journal socket" in reason
+    path = tmp_path / "journal.sock"
+    journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    journal.bind(str(path))
+    try:
+        monkeypatch.setattr(systemd, "JOURNAL_SOCKET", str(path))
+        handler = systemd.journal_handler(required=False)
+        assert isinstance(handler, systemd.JournalHandler)
+    finally:
+        journal.close()
 
 
 def test_required_journal_with_systemd_python() -> None:
@@ -532,3 +544,35 @@ def test_journal_send_failure_does_not_reach_the_caller(
     monkeypatch.setattr(logging, "raiseExceptions", False)
     record = logging.LogRecord("relayd.smtpd", logging.INFO, __file__, 1, "hi", None, None)
     handler.emit(record)  # must not raise
+
+
+def test_native_sender_speaks_the_journal_protocol(tmp_path: Path) -> None:
+    """Without systemd-python, entries still reach journald with their fields."""
+    path = tmp_path / "journal.sock"
+    journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    journal.bind(str(path))
+    journal.settimeout(5)
+    try:
+        handler = systemd.JournalHandler(systemd.native_sender(str(path)))
+        logger = logging.getLogger("relayd.smtp")
+        saved = logger.level, logger.propagate
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        try:
+            logger.info(
+                "%s",
+                "4F2A: to=<bob@example.org>, status=sent",
+                extra={"journal_fields": {"QUEUE_ID": "4F2A", "SMTP_REPLY": "250-a\n250 b"}},
+            )
+        finally:
+            logger.removeHandler(handler)
+            logger.level, logger.propagate = saved
+        entry = journal.recv(65536)
+    finally:
+        journal.close()
+    assert b"MESSAGE=4F2A: to=<bob@example.org>, status=sent\n" in entry
+    assert b"QUEUE_ID=4F2A\n" in entry
+    assert b"SYSLOG_IDENTIFIER=relayd/smtp\n" in entry
+    reply = b"250-a\n250 b"
+    assert b"SMTP_REPLY\n" + struct.pack("<Q", len(reply)) + reply + b"\n" in entry
