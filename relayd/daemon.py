@@ -23,6 +23,7 @@ from relayd import dns as relayd_dns
 from relayd.config import Config, ConfigError, check_files, load_config
 from relayd.control.server import ControlServer
 from relayd.delivery.agent import DeliveryAgent
+from relayd.metrics import Metrics, MetricsServer
 from relayd.policy import ratelimit, sender
 from relayd.policy.verdict import Verdict
 from relayd.scheduler import Scheduler
@@ -46,10 +47,13 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.counters = Counters()
+        self.metrics = Metrics()
         self.spool = Spool(config.spool.path)
         self.resolver = relayd_dns.make_resolver(config.dns)
         self.agent = DeliveryAgent(config, self.resolver)
-        self.scheduler = Scheduler(config, self.spool, self.agent)
+        self.scheduler = Scheduler(config, self.spool, self.agent, metrics=self.metrics)
+        self.metrics.queue = self.scheduler.counts
+        self.metrics_server = MetricsServer(self.metrics.render)
         self.users = UserStore(config.auth.users_file)
         self.rate_limiter = ratelimit.RateLimiter(config.rate_limits)
         self.auth_throttle = ratelimit.AuthThrottle(
@@ -83,6 +87,7 @@ class Daemon:
             sign=lambda message: _sign(signer, message),
             checks=InboundChecks(config),
             free_space=self.spool.free_space,
+            metrics=self.metrics,
         )
 
     def _sender_verdict(self, user: str, address: str) -> Verdict:
@@ -100,6 +105,7 @@ class Daemon:
         self.scheduler.load(self.spool.recover())
         await self.listeners.apply(self.config.listeners, systemd.listen_fds())
         await self.control.start(self.config.control)
+        await self.metrics_server.start(self.config.metrics.address)  # read at start only
         for sig, handler in (
             (signal.SIGTERM, self._stop.set),
             (signal.SIGINT, self._stop.set),
@@ -126,6 +132,7 @@ class Daemon:
         await self.scheduler.stop(DRAIN_TIMEOUT)
         await self.agent.close()
         await self.control.stop()
+        await self.metrics_server.stop()
         for task in tasks:
             task.cancel()
         for task in tasks:

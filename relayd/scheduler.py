@@ -47,6 +47,7 @@ from typing import Any, Literal, Protocol
 from relayd import bounce
 from relayd.config import Config
 from relayd.log import event
+from relayd.metrics import Metrics
 from relayd.spool.model import Attempt, Envelope, Recipient
 from relayd.spool.queueid import new_queue_id
 
@@ -115,6 +116,7 @@ class Scheduler:
         rng: random.Random | None = None,
         new_id: Callable[[], str] = new_queue_id,
         attempt_timeout: float | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._config = config
         self._spool = spool
@@ -123,6 +125,7 @@ class Scheduler:
         self._rng = rng or random.Random()
         self._new_id = new_id
         self._attempt_timeout = attempt_timeout
+        self._metrics = metrics or Metrics()
         self._envelopes: dict[str, Envelope] = {}
         self._heap: list[tuple[float, str]] = []
         self._blocked: list[tuple[float, str]] = []  # due, waiting for a free slot
@@ -472,6 +475,8 @@ class Scheduler:
             by_address.setdefault(rcpt.address, []).append(rcpt)
         failed: list[Recipient] = []
         for attempt in attempts:
+            if attempt.status == "sent":
+                self._metrics.tls_used("out", attempt.tls)
             for address in attempt.recipients:
                 for rcpt in by_address.pop(address, []):
                     _record(rcpt, attempt)
@@ -486,6 +491,7 @@ class Scheduler:
     def _log_result(self, env: Envelope, address: str, attempt: Attempt, now: float) -> None:
         status = _STATUS_WORD[attempt.status]
         self._stats[_STAT_KEY[attempt.status]] += 1
+        self._metrics.delivery(status, now - env.arrival_time)
         relay = f"{attempt.host}[{attempt.address}]:{attempt.port}" if attempt.address else "none"
         delay = _delay(now - env.arrival_time)
         event(
@@ -512,6 +518,7 @@ class Scheduler:
             rcpt.dsn = EXPIRED_DSN
             delay = _delay(now - env.arrival_time)
             self._stats["bounced"] += 1
+            self._metrics.delivery("bounced", now - env.arrival_time)
             event(
                 "qmgr",
                 f"to=<{rcpt.address}>, relay=none, delay={delay}, dsn={EXPIRED_DSN}, "

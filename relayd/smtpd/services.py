@@ -17,6 +17,7 @@ from typing import Protocol
 
 from relayd.address import Address
 from relayd.config import Config
+from relayd.metrics import Metrics
 from relayd.policy.verdict import Verdict
 from relayd.spool.model import Envelope
 
@@ -118,6 +119,8 @@ class Services:
     sign: Callable[[bytes], Awaitable[bytes]]
     checks: Checks = field(default_factory=NoChecks)
     free_space: Callable[[], int] = lambda: 1 << 62
+    # The daemon's one registry, shared across reloads; a private one counts for nobody.
+    metrics: Metrics = field(default_factory=Metrics)
     _free: _FreeSpaceCache | None = None
 
     def spool_full(self) -> bool:

@@ -113,6 +113,7 @@ class Session(SMTP):  # type: ignore[misc]
         self.refusal: Refuse | None = None
         self.counts: Counter[str] = Counter()
         self._raw_replies = True  # the greeting carries no enhanced code
+        self._tls_version: str | None = None  # for metrics, once TLS is up
         self._connected = False
         self._smtp_methods = {
             name: self._counted(name, m) for name, m in self._smtp_methods.items()
@@ -138,16 +139,20 @@ class Session(SMTP):  # type: ignore[misc]
                 client_ip=self.client.ip,
             )
         super().connection_made(transport)
+        if self._tls_active():  # implicit TLS, or the STARTTLS handshake just finished
+            self._tls_version = self._tls_info()[0]
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._connected:
             self._connected = False
             self.services.connections.release(self.client.ip)
+            self.services.metrics.tls_used("in", self._tls_version)
             self._log_disconnect()
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
         if self.refusal is not None:
+            self.services.metrics.refused(self.refusal.reply())
             await self.push(self.refusal.reply())
             assert self.transport is not None
             self.transport.close()
@@ -302,6 +307,7 @@ class Session(SMTP):  # type: ignore[misc]
         await super().smtp_AUTH(arg)
 
     async def _close_with(self, reply: str) -> None:
+        self.services.metrics.refused(reply)
         await self.push(reply)
         assert self.transport is not None
         self.transport.close()
@@ -361,9 +367,9 @@ class Session(SMTP):  # type: ignore[misc]
         delay = throttle.delay(time.time(), self.client.ip)
         if delay > 0:
             await asyncio.sleep(delay)
-        return AuthResult(
-            success=False, handled=False, message="535 5.7.8 Error: authentication failed"
-        )
+        reply = "535 5.7.8 Error: authentication failed"
+        self.services.metrics.refused(reply)
+        return AuthResult(success=False, handled=False, message=reply)
 
     # ---- the transaction ------------------------------------------------------
 
@@ -373,6 +379,7 @@ class Session(SMTP):  # type: ignore[misc]
     async def smtp_MAIL(self, arg: str | None) -> None:
         refusal = await self._mail_refusal(arg)
         if refusal is not None:
+            self.services.metrics.refused(refusal)
             await self.push(refusal)
             return
         assert self.queue_id is not None
@@ -463,6 +470,7 @@ class Session(SMTP):  # type: ignore[misc]
     async def smtp_RCPT(self, arg: str | None) -> None:
         reply = self._rcpt_reply(arg)
         if not reply.startswith("250"):
+            self.services.metrics.refused(reply)
             self._log_reject("RCPT", reply, arg)
         await self.push(reply)
 
@@ -525,6 +533,10 @@ class Session(SMTP):  # type: ignore[misc]
             on_progress=self._reset_timeout,
         )
         reply = await self._accept(result)
+        if reply.startswith("250"):
+            self.services.metrics.message_accepted(self.listener.name)
+        else:
+            self.services.metrics.refused(reply)
         self._reset_transaction()
         await self.push(reply)
 
