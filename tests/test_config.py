@@ -224,7 +224,7 @@ level = "DEBUG"
 target = "stderr"
 
 [metrics]
-address = "127.0.0.1:9100"
+address = "127.0.0.1:9587"
 """,
     )
     assert config.listeners == (Listener("smtp", HostPort("::1", 2525), "inbound", "none"),)
@@ -268,7 +268,7 @@ address = "127.0.0.1:9100"
     assert config.dns.timeout == 2
     assert (config.control.socket, config.control.group) == (Path("/run/relayd/ctl.sock"), "relayd")
     assert (config.logging.level, config.logging.target) == ("debug", "stderr")
-    assert config.metrics.address == HostPort("127.0.0.1", 9100)
+    assert config.metrics.address == HostPort("127.0.0.1", 9587)
 
 
 def test_listener_name_and_address_default_from_mode_and_tls(tmp_path: Path) -> None:
@@ -661,7 +661,7 @@ def test_example_config_loads_with_every_optional_key_uncommented(tmp_path: Path
     assert config.routes[0].via == HostPort("smtp.example.net", 587)
     assert config.dns.nameservers == (HostPort("127.0.0.1", 53), HostPort("::1", 53))
     assert config.control.group == "relayd"
-    assert config.metrics.address == HostPort("127.0.0.1", 9100)
+    assert config.metrics.address == HostPort("127.0.0.1", 9587)
 
 
 EXTENSIONS = {
