@@ -190,6 +190,8 @@ class Daemon:
 
 
 async def _sign(signer: dkim.Signer, message: bytes) -> bytes:
+    if not signer.domains:  # no keys: no thread hop on the hot path
+        return message
     signed = await signer.sign_async(message)
     return signed if signed is not None else message
 

@@ -299,7 +299,13 @@ class Scheduler:
         while self._heap and self._heap[0][0] <= now:
             due.append(heapq.heappop(self._heap))
         due.sort()
-        for entry in due:
+        limit = max(1, self._config.delivery.concurrency)
+        for i, entry in enumerate(due):
+            if self._stopping or len(self._tasks) >= limit:
+                # Full: the rest waits as it is, without a look at each entry
+                # (a large backlog would otherwise cost O(n) per finished attempt).
+                self._blocked.extend(due[i:])
+                return
             env = self._current(entry)
             if env is None:
                 continue

@@ -72,10 +72,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import os
-import secrets
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -93,6 +93,8 @@ _HEADER_MAX = 64  # "RELAYD1 " + two decimal lengths + "\n" always fits
 _WRITE_THREADS = 20
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
+# Unique temporary names without a getrandom() call per state write.
+_TMP_SEQ = itertools.count()
 _STATE_SUFFIX = ".json"
 
 
@@ -501,7 +503,7 @@ class Spool:
         if not is_queue_id(qid):
             raise ValueError(f"not a queue id: {qid!r}")
         body = json.dumps(envelope.to_dict(), separators=(",", ":")).encode("ascii")
-        tmp = os.path.join(self._tmp, f"{qid}.{secrets.token_hex(6)}{_STATE_SUFFIX}")
+        tmp = os.path.join(self._tmp, f"{qid}.{os.getpid()}-{next(_TMP_SEQ)}{_STATE_SUFFIX}")
         await self._write(tmp, (body, b"\n"), qid)
         await self._batched(
             _Op(
