@@ -4,67 +4,171 @@ Listings work with the daemon stopped (they read the spool and say
 "offline"); changes to the queue go through the daemon's control socket so
 its scheduler stays the only writer. Exit statuses: 0 done, 1 the
 operation failed, 2 usage error, 3 daemon not reachable.
+
+relayctl needs only a few paths from the config (the socket, the spool, the
+users file). When the file on disk no longer loads, those are still read
+from it as written: an operator who broke the config must still be able to
+ask the running daemon for its status and queue, and ``relayctl reload``
+must reach the daemon so that it, not relayctl, reports what is wrong while
+it keeps running on the previous config.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import getpass
 import json
+import os
 import socket
 import sys
 import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from relayd import __version__
 from relayd.cli import config_path
-from relayd.config import Config, ConfigError, load_config
+from relayd.config import (
+    AuthConfig,
+    Config,
+    ConfigError,
+    ControlConfig,
+    SpoolConfig,
+    load_config,
+)
 from relayd.spool.model import Envelope
 from relayd.units import format_duration, format_size
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
+# Ids per request: a `queue --json | jq | relayctl queue delete -` over a big
+# queue stays far below the daemon's request size limit.
+IDS_PER_REQUEST = 1000
+# Unknown ids named in an error message; the rest are counted.
+SHOW_UNKNOWN = 10
+
+# The keys of one message in `relayctl --json queue` (SPEC §1): fixed, so jq
+# recipes and scripts can rely on them.
+MESSAGE_KEYS = (
+    "queue_id",
+    "state",
+    "arrival_time",
+    "message_size",
+    "sender",
+    "attempts",
+    "next_attempt",
+    "recipients",
+)
+
 
 class Unreachable(Exception):
     """The daemon's control socket did not answer."""
+
+    def __init__(self, message: str, down: bool = True) -> None:
+        super().__init__(message)
+        self.down = down  # nothing listens, as opposed to a daemon that does not answer
 
 
 class Failed(Exception):
     """The operation failed; the message says why."""
 
 
+class UsageError(Exception):
+    """The command line asks for something that cannot be done as asked."""
+
+
+# ---- the config ------------------------------------------------------------------
+
+
+def load_ctl_config(path: Path, strict: bool) -> tuple[Config, list[str]]:
+    """The config, and its problems when relayctl carries on without a valid one.
+
+    ``strict`` commands (DKIM key generation, which needs the ``[[dkim.key]]``
+    tables) need a valid config; the others fall back to the socket, spool
+    and users file paths as written, so a typo elsewhere in the file does
+    not lock the operator out of a running daemon.
+    """
+    try:
+        return load_config(path), []
+    except ConfigError as exc:
+        fallback = None if strict else _paths_only(path)
+        if fallback is None:
+            raise
+        return fallback, exc.problems
+
+
+def _paths_only(path: Path) -> Config | None:
+    """A Config holding only the paths relayctl uses, read leniently; None if unreadable."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    base = path.absolute().parent
+
+    def path_at(section: str, key: str, default: Path) -> Path | None:
+        table = data.get(section, {})
+        value = table.get(key, default) if isinstance(table, dict) else default
+        if isinstance(value, Path):
+            return value
+        if not isinstance(value, str) or not value or "\0" in value:
+            return None
+        found = Path(value)
+        return found if found.is_absolute() else base / found
+
+    socket_path = path_at("control", "socket", ControlConfig.socket)
+    spool = path_at("spool", "path", SpoolConfig.path)
+    users = path_at("auth", "users_file", AuthConfig.users_file)
+    if socket_path is None or spool is None or users is None:
+        return None
+    hostname = data.get("hostname")
+    return Config(
+        hostname=hostname if isinstance(hostname, str) else "",
+        control=ControlConfig(socket=socket_path),
+        spool=SpoolConfig(path=spool),
+        auth=AuthConfig(users_file=users),
+        source=path,
+    )
+
+
 # ---- talking to the daemon ---------------------------------------------------
 
 
 def request(config: Config, cmd: str, timeout: float = 30.0, **fields: Any) -> dict[str, Any]:
+    """One request over the control socket and its answer (one JSON line each way)."""
+    where = config.control.socket
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         try:
-            sock.connect(str(config.control.socket))
+            sock.connect(str(where))
         except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise Unreachable(
-                f"relayd is not running (no answer on {config.control.socket})"
-            ) from exc
+            raise Unreachable(f"relayd is not running (no answer on {where})") from exc
         except PermissionError as exc:
             raise Failed(
-                f"cannot use {config.control.socket}: permission denied "
+                f"cannot use {where}: permission denied "
                 "(run as root or a member of the relayd group)"
             ) from exc
         sock.sendall(json.dumps({"cmd": cmd, **fields}).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
+        chunks: list[bytes] = []
+        while not chunks or not chunks[-1].endswith(b"\n"):
+            chunk = sock.recv(1 << 16)
             if not chunk:
                 break
-            data += chunk
+            chunks.append(chunk)
     except TimeoutError as exc:
-        raise Unreachable(f"relayd did not answer on {config.control.socket}") from exc
+        raise Unreachable(f"relayd did not answer on {where} within {timeout:g}s", False) from exc
+    except OSError as exc:
+        raise Unreachable(f"cannot reach relayd on {where}: {exc.strerror or exc}", False) from exc
     finally:
         sock.close()
     try:
-        reply: dict[str, Any] = json.loads(data)
-    except ValueError as exc:
-        raise Unreachable("relayd sent a malformed answer") from exc
+        reply = json.loads(b"".join(chunks))
+    except ValueError:
+        reply = None
+    if not isinstance(reply, dict):
+        raise Unreachable(f"relayd sent no or a malformed answer on {where}", False)
     return reply
 
 
@@ -81,58 +185,106 @@ def queue_envelopes(config: Config) -> tuple[bool, list[Envelope]]:
     """(online, envelopes): from the daemon, or read from the spool when it is down."""
     try:
         reply = checked(request(config, "queue"))
+    except Unreachable as exc:
+        if not exc.down:
+            raise
+    else:
         return True, [Envelope.from_dict(d) for d in reply["messages"]]
-    except Unreachable:
-        from relayd.spool.store import Spool
+    from relayd.spool.store import Spool
 
-        if not config.spool.path.exists():
-            return False, []
+    try:
         return False, Spool(config.spool.path).scan()
+    except OSError as exc:
+        raise Failed(
+            f"relayd is not running and the spool {config.spool.path} cannot be read: "
+            f"{exc.strerror or exc}"
+        ) from exc
 
 
 def message_json(env: Envelope) -> dict[str, Any]:
-    """One message in the shape of Postfix's ``postqueue -j`` where meanings match."""
+    """One message in the shape of Postfix's ``postqueue -j`` where meanings match.
+
+    ``next_attempt`` is always a Unix time, also for a held message (the
+    time it keeps for when it is released) and a new one (due since it
+    arrived), so a consumer never meets a second type.
+    """
     return {
         "queue_id": env.queue_id,
-        "queue_name": env.state,
         "state": env.state,
         "arrival_time": int(env.arrival_time),
         "message_size": env.size,
         "sender": env.sender,
         "attempts": env.attempts,
-        "next_attempt": int(env.next_attempt) if env.next_attempt else None,
-        "last_error": env.last_error(),
+        "next_attempt": int(env.next_attempt or env.arrival_time),
         "recipients": [
             {"address": r.address, "status": r.status, "delay_reason": r.reply} for r in env.pending
         ],
     }
 
 
+_COLUMNS = (
+    ("QUEUE-ID", "<"),
+    ("SIZE", ">"),
+    ("AGE", ">"),
+    ("STATE", "<"),
+    ("TRIES", ">"),
+    ("NEXT", "<"),
+)
+_GAP = "  "
+
+
 def queue_table(envelopes: list[Envelope], online: bool, now: float) -> str:
-    header = (
-        f"{'QUEUE-ID':<17} {'SIZE':>5} {'AGE':>4}  {'STATE':<9} {'TRIES':>5}  {'NEXT':<6} "
-        "SENDER / RECIPIENTS"
-    )
-    lines = [header]
-    indent = " " * 59
-    for env in envelopes:
-        nxt = (
-            "-"
-            if env.state == "held" or not env.next_attempt
-            else ("now" if env.next_attempt <= now else format_duration(env.next_attempt - now))
+    """The human listing: columns as wide as their widest cell, recipients under the sender.
+
+    The sender/recipients column comes last, so a long address never pushes
+    another column out of line.
+    """
+    rows = [
+        (
+            env.queue_id,
+            format_size(env.size),
+            format_duration(max(0.0, now - env.arrival_time)),
+            env.state,
+            str(env.attempts),
+            _next_cell(env, now),
         )
-        lines.append(
-            f"{env.queue_id:<17} {format_size(env.size):>5} "
-            f"{format_duration(now - env.arrival_time):>4}  {env.state:<9} "
-            f"{env.attempts:>5}  {nxt:<6} {env.sender or '<>'}"
+        for env in envelopes
+    ]
+    widths = [
+        max([len(title), *(len(row[i]) for row in rows)]) for i, (title, _) in enumerate(_COLUMNS)
+    ]
+
+    def line(cells: tuple[str, ...]) -> str:
+        return _GAP.join(
+            f"{cell:{align}{width}}"
+            for cell, (_, align), width in zip(cells, _COLUMNS, widths, strict=True)
         )
+
+    indent = " " * (sum(widths) + len(_GAP) * len(widths))
+    lines = [line(tuple(title for title, _ in _COLUMNS)) + _GAP + "SENDER / RECIPIENTS"]
+    for env, row in zip(envelopes, rows, strict=True):
+        lines.append(line(row) + _GAP + (env.sender or "<>"))
         for r in env.pending:
-            reason = (
-                f"  ({r.reply}{', ' + r.remote_host if r.remote_host else ''})" if r.reply else ""
-            )
+            reason = ""
+            if r.reply:
+                where = f", {r.remote_host}" if r.remote_host else ""
+                reason = f"  ({_one_line(r.reply)}{where})"
             lines.append(f"{indent}{r.address}{reason}")
     lines.append(_queue_summary(envelopes, online))
     return "\n".join(lines)
+
+
+def _next_cell(env: Envelope, now: float) -> str:
+    if env.state == "held":
+        return "-"
+    if env.next_attempt <= now:
+        return "now"
+    return format_duration(env.next_attempt - now)
+
+
+def _one_line(text: str) -> str:
+    """A reply on one table line: multi-line replies and stray control characters flattened."""
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
 
 
 def _queue_summary(envelopes: list[Envelope], online: bool) -> str:
@@ -156,55 +308,86 @@ def cmd_queue_list(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_queue_show(args: argparse.Namespace, config: Config) -> int:
-    from relayd.spool.store import Spool
-
-    spool = Spool(config.spool.path)
-    _online, envelopes = queue_envelopes(config)
-    env = next((e for e in envelopes if e.queue_id == args.id), None)
-    if env is None:
-        raise Failed(f"unknown queue id: {args.id}")
-    try:
-        data = spool.read_data(env.queue_id)
-    except (KeyError, OSError) as exc:
-        raise Failed(f"unknown queue id: {args.id}") from exc
+    online, env, data = _one_message(config, args.id)
     if args.raw:
         sys.stdout.buffer.write(data)
         return EXIT_OK
     if args.json:
         doc = message_json(env) | {
+            "online": online,
             "history": [a.__dict__ for a in env.history],
             "all_recipients": [r.__dict__ for r in env.recipients],
         }
         print(json.dumps(doc))
         return EXIT_OK
-    print(show_text(env, data))
+    print(show_text(env, data, online, time.time()))
     return EXIT_OK
 
 
-def show_text(env: Envelope, data: bytes) -> str:
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(env.arrival_time))
+def _one_message(config: Config, qid: str) -> tuple[bool, Envelope, bytes]:
+    """(online, envelope, message bytes): from the daemon, or from the spool when it is down."""
+    try:
+        reply = request(config, "show", ids=[qid])
+    except Unreachable as exc:
+        if not exc.down:
+            raise
+    else:
+        if reply.get("unknown"):
+            raise Failed(f"unknown queue id: {qid}")
+        checked(reply)
+        return True, Envelope.from_dict(reply["message"]), base64.b64decode(reply["data"])
+    from relayd.spool.store import Spool
+
+    spool = Spool(config.spool.path)
+    try:
+        return False, spool.load(qid), spool.read_data(qid)
+    except KeyError:
+        raise Failed(f"unknown queue id: {qid}") from None
+    except (OSError, ValueError) as exc:
+        raise Failed(
+            f"relayd is not running and {qid} cannot be read from the spool: {exc}"
+        ) from exc
+
+
+def _when(stamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(stamp))
+
+
+def show_text(env: Envelope, data: bytes, online: bool, now: float) -> str:
+    """``queue show``: envelope, recipients, the attempts in order, the headers."""
+    if env.state == "held":
+        nxt = "held (relayctl queue release to deliver)"
+    elif env.next_attempt <= now:
+        nxt = "now"
+    else:
+        nxt = f"{_when(env.next_attempt)} (in {format_duration(env.next_attempt - now)})"
     out = [
-        f"Queue ID:   {env.queue_id}",
-        f"State:      {env.state}",
-        f"Arrived:    {when}",
-        f"Size:       {env.size} bytes",
-        f"Sender:     <{env.sender}>",
-        f"Client:     {env.client_ip or '-'} (helo {env.helo or '-'}, listener "
+        f"Queue ID:     {env.queue_id}",
+        f"State:        {env.state}" + ("" if online else " (offline: read from the spool)"),
+        f"Arrived:      {_when(env.arrival_time)} "
+        f"({format_duration(max(0.0, now - env.arrival_time))} ago)",
+        f"Size:         {env.size} bytes",
+        f"Sender:       <{env.sender}>",
+        f"Client:       {env.client_ip or '-'} (helo {env.helo or '-'}, listener "
         f"{env.listener or '-'}, user {env.sasl_username or '-'})",
-        f"Attempts:   {env.attempts}",
+        f"Attempts:     {env.attempts}",
+        f"Next attempt: {nxt}",
         "",
         "Recipients:",
     ]
+    width = max((len(r.address) for r in env.recipients), default=0)
+    status_width = max((len(r.status) for r in env.recipients), default=0)
     for r in env.recipients:
-        detail = f" {r.dsn} {r.reply}" if r.reply else ""
-        out.append(f"  {r.address:<40} {r.status}{detail}")
-    out += ["", "Attempts:"]
+        detail = f"  {r.dsn} {_one_line(r.reply)}".rstrip() if r.reply or r.dsn else ""
+        out.append(f"  {r.address:<{width}}  {r.status:<{status_width}}{detail}".rstrip())
+    out += ["", "Delivery attempts:"]
     for a in env.history:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a.time))
+        hop = f"{a.host}[{a.address}]:{a.port}" if a.address else (a.host or "(none)")
         out.append(
-            f"  {stamp}  {a.host}[{a.address}]:{a.port}  tls={a.tls or 'none'}  "
-            f"{a.duration:.2f}s  {a.status}: {a.reply}  ({', '.join(a.recipients)})"
+            f"  {_when(a.time)}  {hop}  tls={a.tls or 'none'}  {a.duration:.2f}s  "
+            f"{a.status} {a.dsn}: {_one_line(a.reply)}"
         )
+        out.append(f"      for {', '.join(a.recipients)}")
     if not env.history:
         out.append("  (none yet)")
     from relayd.smtpd.headers import header_block
@@ -213,30 +396,81 @@ def show_text(env: Envelope, data: bytes) -> str:
     return "\n".join(out)
 
 
-def _ids(args: argparse.Namespace) -> list[str]:
-    """Queue ids from the command line; ``-`` reads them from stdin (postsuper habit)."""
+def _ids(args: argparse.Namespace) -> tuple[list[str], bool]:
+    """Queue ids from the command line, and whether any came from stdin.
+
+    ``-`` reads whitespace-separated ids from stdin (the postsuper habit), so
+    ``relayctl --json queue | jq -r ... | relayctl queue delete -`` works.
+    """
     ids: list[str] = []
+    from_stdin = False
     for item in args.ids:
         if item == "-":
-            ids += sys.stdin.read().split()
+            if not from_stdin:
+                ids += sys.stdin.read().split()
+            from_stdin = True
         else:
             ids.append(item)
-    return ids
+    return list(dict.fromkeys(ids)), from_stdin
+
+
+def _batches(ids: list[str]) -> Iterator[list[str]]:
+    for start in range(0, len(ids), IDS_PER_REQUEST):
+        yield ids[start : start + IDS_PER_REQUEST]
+
+
+_DONE = {
+    "flush": "flushed (retried now)",
+    "delete": "deleted",
+    "hold": "placed on hold",
+    "release": "released from hold",
+}
 
 
 def cmd_queue_change(args: argparse.Namespace, config: Config) -> int:
-    fields: dict[str, Any] = {"ids": _ids(args)}
-    if getattr(args, "all", False):
-        fields["all"] = True
-    elif args.action != "flush" and not fields["ids"]:
-        raise UsageError(
-            f"relayctl queue {args.action}: give one or more queue ids"
-            + (" or --all" if args.action == "delete" else "")
-        )
-    reply = request(config, args.action, **fields)
+    action: str = args.action
+    everything = bool(getattr(args, "all", False))
+    ids, from_stdin = _ids(args)
+    if everything and ids:
+        raise UsageError("relayctl queue delete: give queue ids or --all, not both")
+    if not ids and not everything:
+        if from_stdin:
+            # An empty selection from a pipeline: nothing to do, as with postsuper.
+            print("relayctl: no queue ids on stdin; nothing done", file=sys.stderr)
+            return EXIT_OK
+        if action != "flush":
+            raise UsageError(
+                f"relayctl queue {action}: give one or more queue ids, - to read them from stdin"
+                + (", or --all" if action == "delete" else "")
+            )
+    replies: list[dict[str, Any]] = []
+    if everything or not ids:  # delete --all, or flush everything deferred
+        replies.append(request(config, action, ids=[], **({"all": True} if everything else {})))
+    else:
+        for batch in _batches(ids):
+            replies.append(request(config, action, ids=batch))
+    unknown = [str(q) for reply in replies for q in reply.get("unknown") or []]
+    failures = [r for r in replies if not r.get("ok") and not r.get("unknown")]
     if args.json:
-        print(json.dumps(reply))
-    checked(reply)
+        print(
+            json.dumps({"ok": not unknown and not failures, "action": action, "unknown": unknown})
+        )
+    if failures:
+        raise Failed(str(failures[0].get("error") or f"{action} failed"))
+    if not args.json:
+        if ids:
+            done = len(ids) - len(unknown)
+            if done or not unknown:
+                print(f"relayd: {done} message{'s' if done != 1 else ''} {_DONE[action]}")
+        elif everything:
+            done = sum(int(r.get("done") or 0) for r in replies)
+            print(f"relayd: {done} message{'s' if done != 1 else ''} {_DONE[action]}")
+        else:
+            print("relayd: queue flushed; deferred messages are retried now")
+    if unknown:
+        shown = ", ".join(unknown[:SHOW_UNKNOWN])
+        more = f" and {len(unknown) - SHOW_UNKNOWN} more" if len(unknown) > SHOW_UNKNOWN else ""
+        raise Failed(f"unknown queue id{'s' if len(unknown) != 1 else ''}: {shown}{more}")
     return EXIT_OK
 
 
@@ -246,25 +480,28 @@ def cmd_queue_change(args: argparse.Namespace, config: Config) -> int:
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
     try:
         reply = checked(request(config, "status", timeout=10))
-    except Unreachable:
+    except Unreachable as exc:
         if args.json:
-            print(json.dumps({"running": False}))
-        else:
+            print(json.dumps({"running": False, "error": str(exc)}))
+        elif exc.down:
             print("relayd: not running")
+        else:
+            print(f"relayd: not responding ({exc})")
         return EXIT_UNREACHABLE
     if args.json:
         print(json.dumps(reply))
         return EXIT_OK
     queue = reply.get("queue", {})
     print(
-        f"relayd {reply['version']}: running (pid {reply['pid']}), up "
-        f"{format_duration(reply['uptime'])}"
+        f"relayd {reply.get('version')}: running (pid {reply.get('pid')}), up "
+        f"{format_duration(float(reply.get('uptime', 0)))}"
     )
-    print(f"config:     {reply.get('config')}")
+    print(f"config:      {reply.get('config')}")
     for name in reply.get("listeners", []):
-        print(f"listener:   {name}")
+        print(f"listener:    {name}")
     print(
-        "queue:      " + ", ".join(f"{queue.get(s, 0)} {s}" for s in ("active", "deferred", "held"))
+        "queue:       "
+        + ", ".join(f"{queue.get(s, 0)} {s}" for s in ("active", "deferred", "held"))
     )
     print(
         f"since start: {reply.get('accepted', 0)} accepted, {reply.get('delivered', 0)} delivered, "
@@ -274,15 +511,43 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_reload(args: argparse.Namespace, config: Config) -> int:
-    checked(request(config, "reload", timeout=60))
+    reply = request(config, "reload", timeout=60)
+    if args.json:
+        print(json.dumps(reply))
+    if not reply.get("ok"):
+        problems = reply.get("problems") or str(reply.get("error") or "reload failed").splitlines()
+        print(
+            "relayctl: reload failed; relayd keeps running on its previous configuration:",
+            file=sys.stderr,
+        )
+        for line in problems:
+            print(line, file=sys.stderr)
+        return EXIT_FAILED
     if not args.json:
         print("relayd: configuration reloaded")
-    else:
-        print(json.dumps({"ok": True}))
     return EXIT_OK
 
 
 # ---- users and DKIM -----------------------------------------------------------------
+
+
+def _prompt(text: str) -> str:
+    """getpass on the terminal; without one, say how to pass the password instead.
+
+    getpass would otherwise fall back to reading stdin with a warning, or
+    block on a terminal the caller cannot see.
+    """
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        raise UsageError(
+            "no terminal to ask for the password on; pipe it in with --password-stdin"
+        ) from None
+    os.close(fd)
+    try:
+        return getpass.getpass(text)
+    except EOFError:
+        raise Failed("no password given") from None
 
 
 def cmd_user(args: argparse.Namespace, config: Config) -> int:
@@ -291,12 +556,12 @@ def cmd_user(args: argparse.Namespace, config: Config) -> int:
     path = config.auth.users_file
     try:
         if args.user_action == "add":
-            users.cmd_user_add(
-                path, args.name, users.read_password(args.password_stdin), args.allow_from or []
-            )
+            password = users.read_password(args.password_stdin, prompt=_prompt)
+            users.cmd_user_add(path, args.name, password, args.allow_from or [])
             print(f"relayd: user {args.name} added to {path}")
         elif args.user_action == "passwd":
-            users.cmd_user_passwd(path, args.name, users.read_password(args.password_stdin))
+            password = users.read_password(args.password_stdin, prompt=_prompt)
+            users.cmd_user_passwd(path, args.name, password)
             print(f"relayd: password changed for {args.name}")
         elif args.user_action == "del":
             users.cmd_user_del(path, args.name)
@@ -305,6 +570,8 @@ def cmd_user(args: argparse.Namespace, config: Config) -> int:
             _print_users(users.cmd_user_list(path), args.json)
     except users.UserError as exc:
         raise Failed(str(exc)) from exc
+    except OSError as exc:
+        raise Failed(f"{path}: {exc.strerror or exc}") from exc
     return EXIT_OK
 
 
@@ -316,29 +583,41 @@ def _print_users(listing: list[Any], as_json: bool) -> None:
             )
         )
         return
-    print(f"{'USER':<32} ALLOWED SENDERS")
+    width = max([len("USER"), *(len(u.name) for u in listing)])
+    print(f"{'USER':<{width}}  ALLOWED SENDERS")
     for u in listing:
         owned = [u.name] if "@" in u.name else []
-        print(f"{u.name:<32} {', '.join(owned + list(u.allow_from)) or '-'}")
+        print(f"{u.name:<{width}}  {', '.join(owned + list(u.allow_from)) or '-'}")
 
 
 def cmd_dkim_keygen(args: argparse.Namespace, config: Config) -> int:
     from relayd import dkim
 
-    domain, selector = args.domain.lower(), args.selector
+    domain, selector = args.domain.lower().rstrip("."), args.selector
     configured = [k for k in config.dkim.keys if k.domain == domain and k.selector == selector]
     path = (
         configured[0].key_file
         if configured
         else (config.auth.users_file.parent / "dkim" / f"{domain}.{selector}.key")
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
         record = dkim.keygen(
             path, domain, selector, kind=args.type, bits=args.bits, force=args.force
         )
-    except (FileExistsError, ValueError) as exc:
+    except FileExistsError as exc:
+        raise Failed(f"{exc} (use --force to replace it)") from exc
+    except ValueError as exc:
         raise Failed(str(exc)) from exc
+    except OSError as exc:
+        raise Failed(f"{path}: cannot write the key: {exc.strerror or exc}") from exc
+    if args.json:
+        print(
+            json.dumps(
+                {"domain": domain, "selector": selector, "key_file": str(path), "record": record}
+            )
+        )
+        return EXIT_OK
     print(f"; private key written to {path} (mode 0600)")
     if not configured:
         print(
@@ -353,11 +632,10 @@ def cmd_dkim_keygen(args: argparse.Namespace, config: Config) -> int:
 # ---- argument parsing ---------------------------------------------------------------
 
 
-class UsageError(Exception):
-    pass
-
-
 def build_parser() -> argparse.ArgumentParser:
+    # --config and --json are accepted before and after the command
+    # (`relayctl --json queue` and `relayctl queue --json`); SUPPRESS keeps a
+    # subcommand's parser from resetting what the main parser already set.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--config",
@@ -448,18 +726,32 @@ def dispatch(args: argparse.Namespace, config: Config) -> int:
     return cmd_dkim_keygen(args, config)
 
 
+def _local_problem(line: str) -> str:
+    """A config problem found by relayctl itself, named as relayctl's."""
+    return "relayctl: " + line.removeprefix("relayd: ")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.json = getattr(args, "json", False)
     path = config_path(getattr(args, "config", None))
     try:
-        config = load_config(path)
+        config, problems = load_ctl_config(path, strict=args.command == "dkim")
     except ConfigError as exc:
         for line in exc.problems:
-            print(line, file=sys.stderr)
+            print(_local_problem(line), file=sys.stderr)
         return EXIT_FAILED
+    if problems and args.command != "reload":  # reload: the daemon reports them itself
+        print(
+            f"relayctl: warning: {path} does not load ({len(problems)} problem"
+            f"{'s' if len(problems) != 1 else ''}; `relayd --check-config` lists them); "
+            "using the socket, spool and users file it names",
+            file=sys.stderr,
+        )
     try:
-        return dispatch(args, config)
+        code = dispatch(args, config)
+        sys.stdout.flush()
+        return code
     except UsageError as exc:
         print(f"relayctl: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -468,6 +760,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_UNREACHABLE
     except Failed as exc:
         print(f"relayctl: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except BrokenPipeError:
+        # The reader went away (`relayctl queue | head`): not worth a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_FAILED

@@ -11,9 +11,11 @@ own user, and members of ``[control] group`` (checked with SO_PEERCRED).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import grp
 import json
+import logging
 import os
 import socket
 import struct
@@ -28,6 +30,9 @@ if TYPE_CHECKING:
     from relayd.daemon import Daemon
 
 MUTATING = {"flush", "delete", "hold", "release", "reload"}
+# Commands that need the same rights as changes: "show" hands out message contents.
+PRIVILEGED = MUTATING | {"show"}
+SHOW_TIMEOUT = 60.0  # reading one message from the spool
 MAX_REQUEST = 1 << 20
 
 
@@ -43,7 +48,11 @@ class ControlServer:
         path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-        self.server = await asyncio.start_unix_server(self._serve, path=str(path))
+        # The limit is the longest request line: the default (64 KiB) would
+        # cut off a long list of ids and leave relayctl without an answer.
+        self.server = await asyncio.start_unix_server(
+            self._serve, path=str(path), limit=MAX_REQUEST
+        )
         self.gid = grp.getgrnam(cfg.group).gr_gid if cfg.group else None
         if self.gid is not None:
             os.chown(path, -1, self.gid)
@@ -59,14 +68,28 @@ class ControlServer:
                 self.path.unlink()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer one request; whatever goes wrong, relayctl gets an answer that says so."""
         try:
-            line = await asyncio.wait_for(reader.readline(), timeout=10)
-            reply = await self._answer(line, writer.get_extra_info("socket"))
+            try:
+                line = await asyncio.wait_for(reader.readline(), timeout=10)
+            except ValueError:  # over MAX_REQUEST
+                reply: dict[str, Any] = {"ok": False, "error": "request too long"}
+            else:
+                reply = await self._answer(line, writer.get_extra_info("socket"))
         except (TimeoutError, ConnectionError):
             reply = {"ok": False, "error": "request not received"}
+        except Exception as exc:
+            log.event(
+                "master",
+                f"warning: control: request failed: {exc!r}",
+                level=logging.ERROR,
+            )
+            reply = {"ok": False, "error": f"internal error in relayd: {exc}"}
         try:
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
+        except ConnectionError:
+            pass  # relayctl went away (interrupted); nothing to tell it
         finally:
             writer.close()
 
@@ -75,9 +98,10 @@ class ControlServer:
             request = json.loads(line[:MAX_REQUEST])
             cmd = str(request["cmd"])
             ids = [str(i) for i in request.get("ids") or []]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             return {"ok": False, "error": "malformed request"}
-        if cmd in MUTATING and not self._allowed(sock):
+        if cmd in PRIVILEGED and not self._allowed(sock):
+            log_denied(cmd)
             return {
                 "ok": False,
                 "error": "permission denied: run as root or a member of the relayd control group",
@@ -103,6 +127,32 @@ class ControlServer:
         envelopes = self.daemon.scheduler.snapshot()
         return {"ok": True, "messages": [e.to_dict() for e in envelopes]}
 
+    async def _cmd_show(self, ids: list[str], request: dict[str, Any]) -> dict[str, Any]:
+        """One message with its bytes, for ``relayctl queue show``.
+
+        Through the daemon, so that members of the control group can look at
+        a message although the spool (0700) belongs to the daemon's user.
+        """
+        if len(ids) != 1:
+            return {"ok": False, "error": "show takes exactly one queue id"}
+        qid = ids[0]
+        found = [e for e in self.daemon.scheduler.snapshot() if e.queue_id == qid]
+        if not found:
+            return _unknown_reply([qid])
+        try:
+            data = await asyncio.wait_for(
+                asyncio.to_thread(self.daemon.spool.read_data, qid), SHOW_TIMEOUT
+            )
+        except KeyError:
+            return _unknown_reply([qid])  # delivered or deleted meanwhile
+        except (OSError, ValueError, TimeoutError) as exc:
+            return {"ok": False, "error": f"{qid}: cannot read the queued message: {exc}"}
+        return {
+            "ok": True,
+            "message": found[0].to_dict(),
+            "data": base64.b64encode(data).decode("ascii"),
+        }
+
     async def _cmd_flush(self, ids: list[str], request: dict[str, Any]) -> dict[str, Any]:
         unknown = self.daemon.scheduler.flush(ids or None)
         return _unknown_reply(unknown)
@@ -121,7 +171,10 @@ class ControlServer:
 
     async def _cmd_reload(self, ids: list[str], request: dict[str, Any]) -> dict[str, Any]:
         problem = await self.daemon.reload()
-        return {"ok": problem is None, "error": problem} if problem else {"ok": True}
+        if problem is None:
+            return {"ok": True}
+        # One line per problem (file:line: key: what is wrong), for relayctl to print as is.
+        return {"ok": False, "error": problem, "problems": problem.splitlines()}
 
     async def _cmd_status(self, ids: list[str], request: dict[str, Any]) -> dict[str, Any]:
         d = self.daemon
@@ -169,4 +222,5 @@ def _in_group(uid: int, gid: int) -> bool:
 
 
 def log_denied(cmd: str) -> None:
-    log.event("master", f"warning: control: {cmd} refused")
+    """A refused command is worth a line: someone without the rights tried to change state."""
+    log.event("master", f"warning: control: {cmd} refused", level=logging.WARNING)
