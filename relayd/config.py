@@ -24,11 +24,6 @@ from datetime import UTC, date, datetime, time
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar, get_args
 
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
 from relayd.units import Rate as Rate
 from relayd.units import parse_duration, parse_rate, parse_size
 
@@ -1450,6 +1445,8 @@ def _check_tls_files(report: _Report, tls: TLSConfig) -> None:
 
 
 def _check_certificate(report: _Report, path: Path) -> bool:
+    from cryptography import x509  # here, not at the top: relayctl starts faster
+
     pem = _read_named_file(report, ("tls",), "cert", path)
     if pem is None:
         return False
@@ -1469,6 +1466,9 @@ def _check_certificate(report: _Report, path: Path) -> bool:
 
 
 def _load_private_key(report: _Report, table: TablePath, key: str, path: Path) -> object | None:
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
     pem = _read_named_file(report, table, key, path)
     if pem is None:
         return None
@@ -1517,6 +1517,8 @@ def _check_users_file(report: _Report, path: Path) -> None:
 
 
 def _check_dkim_key(report: _Report, table: TablePath, path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
     key = _load_private_key(report, table, "key_file", path)
     if key is None:
         return

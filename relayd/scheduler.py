@@ -214,7 +214,14 @@ class Scheduler:
         """Copies of every queued message, oldest first, safe to serialise elsewhere."""
         envs = [e for e in self._envelopes.values() if e.queue_id not in self._deleted]
         envs.sort(key=lambda e: (e.arrival_time, e.queue_id))
-        return copy.deepcopy(envs)
+        copies = copy.deepcopy(envs)
+        for env in copies:
+            if env.queue_id in self._tasks:
+                # Mid-attempt, its open recipients are pending this attempt's
+                # outcome: the message lists as active, as counts() has it.
+                for rcpt in env.pending:
+                    rcpt.status = "pending"
+        return copies
 
     def counts(self) -> dict[str, int]:
         """Messages by state; one in flight counts as active, as in Postfix."""
