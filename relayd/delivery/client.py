@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import os
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -545,7 +546,8 @@ async def _connect(ep: Endpoint) -> Session:
     except TimeoutError as e:
         raise SessionError(Outcome.temp("4.4.1", f"connect to {ep.where}: timed out")) from e
     except OSError as e:
-        reason = e.strerror or str(e) or e.__class__.__name__
+        # asyncio words it "Connect call failed (addr)"; say what the OS said.
+        reason = os.strerror(e.errno) if e.errno else (str(e) or e.__class__.__name__)
         raise SessionError(Outcome.temp("4.4.1", f"connect to {ep.where}: {reason}")) from e
     return Session(ep, reader, writer)
 
