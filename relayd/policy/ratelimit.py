@@ -183,12 +183,21 @@ class RateLimiter:
         return out
 
     def check(
-        self, now: float, ip: str, user: str | None = None, sender_domain: str | None = None
+        self,
+        now: float,
+        ip: str,
+        user: str | None = None,
+        sender_domain: str | None = None,
+        *,
+        record: bool = True,
     ) -> Verdict:
         """Refuse with 450 4.7.1 if any limit is reached; otherwise count this message.
 
         A refused message is not counted, so a client retrying too early
-        does not push its own release further away.
+        does not push its own release further away. With ``record=False``
+        nothing is counted yet: the session checks at MAIL and calls
+        ``record()`` only once the message is queued, so transactions
+        refused later (SPF, DMARC, size) do not use up the client's limit.
         """
         applicable = self._applicable(ip, user, sender_domain)
         hits: list[_Hit] = []
@@ -201,9 +210,17 @@ class RateLimiter:
                 table.touch(key, now)
         if hits:
             return _refusal(max(hits, key=lambda hit: hit.wait))
-        for name, key, rate in applicable:
-            self._tables[name].record(key, now, rate)
+        if record:
+            for name, key, rate in applicable:
+                self._tables[name].record(key, now, rate)
         return None
+
+    def record(
+        self, now: float, ip: str, user: str | None = None, sender_domain: str | None = None
+    ) -> None:
+        """Count one accepted message against every limit that applies."""
+        for name, key, rate in self._applicable(ip, user, sender_domain):
+            self._tables[name].record(key, now, rate)
 
 
 def _refusal(hit: _Hit) -> Refuse:

@@ -25,6 +25,8 @@ _LINE = re.compile(rb"[^\n]*\n|[^\n]+")
 def _value(text: str) -> str:
     """A property value: a token as is, anything else a quoted-string."""
     text = _CONTROL.sub("", text)
+    # Values can come from a hostile signature (d=, s=): keep the header ASCII.
+    text = text.encode("ascii", "replace").decode("ascii")
     if _TOKEN.match(text):
         return text
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

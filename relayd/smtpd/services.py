@@ -87,7 +87,11 @@ class AuthThrottle(Protocol):
 
 
 class RateLimiter(Protocol):
-    def check(self, now: float, ip: str, user: str | None, sender_domain: str) -> Verdict: ...
+    def check(
+        self, now: float, ip: str, user: str | None, sender_domain: str | None, *, record: bool
+    ) -> Verdict: ...
+
+    def record(self, now: float, ip: str, user: str | None, sender_domain: str | None) -> None: ...
 
 
 @dataclass

@@ -438,7 +438,9 @@ class Session(SMTP):  # type: ignore[misc]
             if verdict is not None:
                 return verdict.reply()
         domain = sender.domain if sender else ""
-        verdict = services.rate_limiter.check(time.time(), self.client.ip, self.user, domain)
+        verdict = services.rate_limiter.check(
+            time.time(), self.client.ip, self.user, domain, record=False
+        )
         if verdict is not None:
             return verdict.reply()
         assert self.session is not None
@@ -562,6 +564,8 @@ class Session(SMTP):  # type: ignore[misc]
                 level=logging.ERROR,
             )
             return "451 4.3.0 Error: queue file write error"
+        sender_domain = self.sender.domain if self.sender else None
+        self.services.rate_limiter.record(time.time(), self.client.ip, self.user, sender_domain)
         return f"250 2.0.0 Ok: queued as {self.queue_id}"
 
     async def _prepare(self, message: bytes) -> bytes:
@@ -582,7 +586,8 @@ class Session(SMTP):  # type: ignore[misc]
         if submitted:
             message = headers.submission_fixups(message, services.config.hostname)
             message = await services.sign(message)
-        return self._received() + b"".join(self.trace_headers) + message
+        # Received-SPF goes above our Received: (RFC 7208 §9.1).
+        return b"".join(self.trace_headers) + self._received() + message
 
     def _received(self) -> bytes:
         assert self.session is not None and self.queue_id is not None
