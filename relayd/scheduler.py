@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import heapq
 import logging
 import random
@@ -214,7 +213,7 @@ class Scheduler:
         """Copies of every queued message, oldest first, safe to serialise elsewhere."""
         envs = [e for e in self._envelopes.values() if e.queue_id not in self._deleted]
         envs.sort(key=lambda e: (e.arrival_time, e.queue_id))
-        copies = copy.deepcopy(envs)
+        copies = [env.copy() for env in envs]
         for env in copies:
             if env.queue_id in self._tasks:
                 # Mid-attempt, its open recipients are pending this attempt's
@@ -629,7 +628,7 @@ class Scheduler:
             if self._envelopes.get(qid) is not env:
                 return True  # removed meanwhile; writing would bring it back
             try:
-                await asyncio.wait_for(self._spool.update(copy.deepcopy(env)), SPOOL_TIMEOUT)
+                await asyncio.wait_for(self._spool.update(env.copy()), SPOOL_TIMEOUT)
             except Exception as exc:
                 event(
                     "qmgr",

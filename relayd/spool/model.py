@@ -8,7 +8,7 @@ relayctl (even with the daemon stopped) all read the same thing.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 FORMAT_VERSION = 1
@@ -92,9 +92,17 @@ class Envelope:
         return ""
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        """Plain data for JSON. Written out by hand: ``dataclasses.asdict``
+        recurses generically and cost ~0.3 ms per call on the hot path."""
+        d = {name: getattr(self, name) for name in _SCALAR_FIELDS}
+        d["recipients"] = [dict(r.__dict__) for r in self.recipients]
+        d["history"] = [dict(a.__dict__, recipients=list(a.recipients)) for a in self.history]
         d["version"] = FORMAT_VERSION
         return d
+
+    def copy(self) -> Envelope:
+        """A deep copy, cheaper than copy.deepcopy."""
+        return Envelope.from_dict(self.to_dict())
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Envelope:
@@ -105,3 +113,8 @@ class Envelope:
         d["recipients"] = [Recipient(**r) for r in d.get("recipients", [])]
         d["history"] = [Attempt(**a) for a in d.get("history", [])]
         return cls(**d)
+
+
+_SCALAR_FIELDS = tuple(
+    f.name for f in fields(Envelope) if f.name not in ("recipients", "history")
+)
