@@ -306,6 +306,8 @@ class Scheduler:
             due.append(heapq.heappop(self._heap))
         due.sort()
         limit = max(1, self._config.delivery.concurrency)
+        cap = max(1, self._config.delivery.per_domain_concurrency)
+        full = {d for d, n in self._per_domain.items() if n >= cap}
         for i, entry in enumerate(due):
             if self._stopping or len(self._tasks) >= limit:
                 # Full: the rest waits as it is, without a look at each entry
@@ -315,8 +317,10 @@ class Scheduler:
             env = self._current(entry)
             if env is None:
                 continue
-            if self._fits(env):
-                self._start(env)
+            domains = _domains(env)
+            if full.isdisjoint(domains):
+                self._start(env, domains)
+                full.update(d for d in domains if self._per_domain[d] >= cap)
             else:
                 self._blocked.append(entry)
 
@@ -330,15 +334,7 @@ class Scheduler:
             return None
         return env
 
-    def _fits(self, env: Envelope) -> bool:
-        delivery = self._config.delivery
-        if self._stopping or len(self._tasks) >= max(1, delivery.concurrency):
-            return False
-        cap = max(1, delivery.per_domain_concurrency)
-        return all(self._per_domain[d] < cap for d in _domains(env))
-
-    def _start(self, env: Envelope) -> None:
-        domains = _domains(env)
+    def _start(self, env: Envelope, domains: set[str]) -> None:
         self._per_domain.update(domains)
         qid = env.queue_id
         self._tasks[qid] = asyncio.create_task(self._attempt(env, domains), name=f"qmgr {qid}")
