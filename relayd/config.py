@@ -1418,7 +1418,24 @@ def check_files(config: Config) -> tuple[list[str], list[str]]:
         _check_dkim_key(report, ("dkim", "key", index), key.key_file)
     for index, route in enumerate(config.routes):
         _check_route_files(report, ("route", index), route)
+    _check_control_group(report, config.control.group)
     return report.error_lines(), report.warning_lines()
+
+
+def _check_control_group(report: _Report, group: str | None) -> None:
+    if group is None:
+        return
+    import grp
+
+    try:
+        grp.getgrnam(group)
+    except KeyError:
+        report.error(
+            ("control",),
+            "group",
+            f'there is no group "{group}" on this system; create it (groupadd {group}) '
+            "or remove the key",
+        )
 
 
 def _rescan(source: Path) -> LineMap:

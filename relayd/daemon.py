@@ -67,10 +67,11 @@ class Daemon:
         self.control = ControlServer(self)
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+        self._closing: asyncio.Future[None] | None = None
 
     # ---- building the snapshot -------------------------------------------
 
-    def _services(self, config: Config) -> Services:
+    def _services(self, config: Config, users: UserStore | None = None) -> Services:
         tls = None
         if config.tls.cert is not None and config.tls.key is not None:
             tls = server_tls_context(str(config.tls.cert), str(config.tls.key))
@@ -78,7 +79,7 @@ class Daemon:
         return Services(
             config=config,
             tls_context=tls,
-            users=self.users,
+            users=users or self.users,
             connections=self.connections,
             auth_throttle=self.auth_throttle,
             rate_limiter=self.rate_limiter,
@@ -161,19 +162,46 @@ class Daemon:
             errors, _ = check_files(config)
             if errors:
                 raise ConfigError(errors)
-            services = self._services(config)
+            users = self.users
+            if config.auth.users_file != self.config.auth.users_file:
+                users = UserStore(config.auth.users_file)
+            services = self._services(config, users)
             await self.listeners.apply(config.listeners)
         except ConfigError as exc:
             return self._reload_failed("\n".join(exc.problems))
         except (OSError, ValueError) as exc:
             await self.listeners.apply(self.config.listeners)
             return self._reload_failed(str(exc))
-        self.config, self.services = config, services
+        self._warn_restart_only(config)
+        self.config, self.services, self.users = config, services, users
         self.rate_limiter.reconfigure(config.rate_limits)
-        self.scheduler.reconfigure(config)
+        self.connections.reconfigure(config.limits)
+        self.auth_throttle.reconfigure(config.auth)
+        old_agent = self.agent
+        self.agent = DeliveryAgent(config, relayd_dns.make_resolver(config.dns))
+        self.scheduler.reconfigure(config, self.agent)
+        # Close the old agent's idle sessions; attempts in flight finish with it.
+        self._closing = asyncio.ensure_future(old_agent.close())
         log.set_level(config.logging.level)
         log.event("master", f"reload -- version {__version__}, configuration {config.source}")
         return None
+
+    def _warn_restart_only(self, config: Config) -> None:
+        """Keys read only at start: say so rather than pretend they were applied."""
+        old = self.config
+        for key, before, after in (
+            ("[spool] path", old.spool.path, config.spool.path),
+            ("[control] socket", old.control.socket, config.control.socket),
+            ("[control] group", old.control.group, config.control.group),
+            ("[metrics] address", old.metrics.address, config.metrics.address),
+        ):
+            if before != after:
+                log.event(
+                    "master",
+                    f"warning: {config.source}: {key} changed; it takes effect "
+                    "at the next restart (systemctl restart relayd)",
+                    level=logging.WARNING,
+                )
 
     def _reload_failed(self, text: str) -> str:
         log.event(
@@ -192,14 +220,23 @@ class Daemon:
 async def _sign(signer: dkim.Signer, message: bytes) -> bytes:
     if not signer.domains:  # no keys: no thread hop on the hot path
         return message
-    signed = await signer.sign_async(message)
+    try:
+        signed = await signer.sign_async(message)
+    except Exception as exc:  # dkimpy raises its own types for bad input
+        # A message dkimpy cannot parse is relayed unsigned rather than refused.
+        log.event("cleanup", f"warning: not DKIM-signed: {exc}", level=logging.WARNING)
+        return message
     return signed if signed is not None else message
 
 
 def run(config: Config) -> int:
     """Run the daemon in the foreground until SIGTERM; the process exit status."""
     log.setup(config.logging.level, config.logging.target)
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # aiosmtpd's own logger writes lines in its own shape (and tracebacks for
+    # every failed TLS handshake); relayd logs what matters itself.
+    aiosmtpd_log = logging.getLogger("mail.log")
+    aiosmtpd_log.setLevel(logging.CRITICAL)
+    aiosmtpd_log.propagate = False
     try:
         import uvloop
 
@@ -214,5 +251,7 @@ def run(config: Config) -> int:
     try:
         return int(runner(main()))
     except OSError as exc:
+        # A listener that cannot bind, a spool that cannot be made: relayd
+        # cannot start on this config, and a restart loop would not help.
         log.event("master", f"fatal: {exc}", level=logging.CRITICAL)
-        return 71  # EX_OSERR
+        return 78  # EX_CONFIG, so systemd's RestartPreventExitStatus=78 applies

@@ -99,6 +99,7 @@ def event(
     *,
     queue_id: str | None = None,
     level: int = logging.INFO,
+    exc_info: bool = False,
     **fields: Any,
 ) -> None:
     """Log one operator event: ``queue_id: text`` with journald ``fields``.
@@ -113,4 +114,4 @@ def event(
     journal = {k.upper(): v for k, v in fields.items() if v is not None and v != ""}
     if queue_id:
         journal["QUEUE_ID"] = queue_id
-    logger.log(level, "%s", line, extra={"journal_fields": journal})
+    logger.log(level, "%s", line, extra={"journal_fields": journal}, exc_info=exc_info)

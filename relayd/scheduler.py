@@ -153,9 +153,14 @@ class Scheduler:
         self._envelopes[qid] = envelope
         self._push(envelope)
 
-    def reconfigure(self, config: Config) -> None:
-        """Use a new config snapshot for every decision from now on."""
+    def reconfigure(self, config: Config, agent: AgentLike | None = None) -> None:
+        """Use a new config snapshot (and delivery agent) from now on.
+
+        Attempts in flight finish with the agent they started with.
+        """
         self._config = config
+        if agent is not None:
+            self._agent = agent
         self._wake.set()
 
     def wake(self) -> None:
@@ -361,6 +366,10 @@ class Scheduler:
             self._per_domain.subtract(domains)
             self._per_domain += Counter()  # drop domains that reached zero
             self._tasks.pop(qid, None)
+            if qid in self._deleted and qid in self._envelopes:
+                # Deleted while this attempt was settling (e.g. during its state
+                # write): nobody else will remove it now that the task is gone.
+                self._background(self._remove_deleted(env))
             self._wake.set()
 
     async def _try(

@@ -387,7 +387,6 @@ def test_auth_failures_are_throttled(tmp_path: Path) -> None:
 
 def test_disk_space_floor(tmp_path: Path) -> None:
     r = Relayd(tmp_path)
-    r.extra = ""
     r.write_config()
     text = r.config_path.read_text().replace('min_free_space = "1MB"', 'min_free_space = "1000TB"')
     r.config_path.write_text(text)

@@ -46,7 +46,11 @@ def reload_and_wait(r: Relayd, marker: str) -> str:
 
 
 def test_check_config_and_exit_78(tmp_path: Path) -> None:
-    r = Relayd(tmp_path)
+    with Relayd(tmp_path) as r:
+        _check_and_78(r)
+
+
+def _check_and_78(r: Relayd) -> None:
     ok = subprocess.run(
         [sys.executable, "-m", "relayd.cli", "--config", str(r.config_path), "--check-config"],
         capture_output=True,
@@ -77,7 +81,11 @@ def test_check_config_and_exit_78(tmp_path: Path) -> None:
 
 
 def test_config_from_environment(tmp_path: Path) -> None:
-    r = Relayd(tmp_path)
+    with Relayd(tmp_path) as r:
+        _from_env(r)
+
+
+def _from_env(r: Relayd) -> None:
     env_run = subprocess.run(
         [sys.executable, "-m", "relayd.cli", "--check-config"],
         capture_output=True,

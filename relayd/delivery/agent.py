@@ -123,7 +123,7 @@ class DeliveryAgent:
             attempts += _attempts(rcpts, _Result(dict.fromkeys(rcpts, outcome)), started, t0)
         results = await asyncio.gather(
             *(self._deliver_group(envelope, data, g) for g in groups)
-        )
+        )  # _deliver_group turns every local failure into a deferral, never raises
         for group, result in zip(groups, results, strict=True):
             attempts += _attempts(group.recipients, result, started, t0)
         return attempts
@@ -171,6 +171,12 @@ class DeliveryAgent:
                 result = await self._try_hop(envelope, data, group.recipients, hop, errors)
             except DeliveryError as e:  # a local problem with this hop's settings
                 return _Result(dict.fromkeys(group.recipients, e.outcome), hop.host, "", hop.port)
+            except Exception as e:
+                # Any other local failure (a ca_file gone missing, ...) defers this
+                # group only; the other groups' results must still be recorded, or
+                # recipients already delivered would be sent again.
+                outcome = Outcome.temp("4.3.0", f"local error: {e}")
+                return _Result(dict.fromkeys(group.recipients, outcome), hop.host, "", hop.port)
             if result is not None:
                 return result
         return _give_up(group.recipients, errors)

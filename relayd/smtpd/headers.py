@@ -44,6 +44,14 @@ def header_block(message: bytes) -> bytes:
     return split_headers(message)[0]
 
 
+_RECEIVED = re.compile(rb"(?im)^received[ \t]*:")
+
+
+def count_received(message: bytes) -> int:
+    """How many hops the message has made (its ``Received:`` headers)."""
+    return len(_RECEIVED.findall(header_block(message)))
+
+
 def has_header(headers: bytes, name: str) -> bool:
     return re.search(rb"(?im)^" + re.escape(name.encode()) + rb"[ \t]*:", headers) is not None
 

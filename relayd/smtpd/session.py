@@ -72,6 +72,7 @@ _DATA_PROBLEMS = {
     "bare_newline": "554 5.6.0 Message refused: bare CR or LF in DATA (lines must end in CRLF)",
     "line_too_long": "554 5.6.0 Message refused: line longer than 998 octets",
 }
+MAX_HOPS = 50  # Received: headers before a message is taken for a loop (Postfix's default)
 _PROGRAM = {"inbound": "smtpd", "submission": "submission/smtpd"}
 
 
@@ -104,6 +105,7 @@ class Session(SMTP):  # type: ignore[misc]
             ip="", port=0, listener=listener.name, inbound=listener.mode == "inbound"
         )
         self.user: str | None = None
+        self.sasl_method = ""
         self.queue_id: str | None = None
         self.sender: Address | None = None
         self.mail_params: dict[str, str | None] = {}
@@ -115,6 +117,7 @@ class Session(SMTP):  # type: ignore[misc]
         self._raw_replies = True  # the greeting carries no enhanced code
         self._tls_version: str | None = None  # for metrics, once TLS is up
         self._connected = False
+        self._lost = False
         self._smtp_methods = {
             name: self._counted(name, m) for name, m in self._smtp_methods.items()
         }
@@ -143,6 +146,9 @@ class Session(SMTP):  # type: ignore[misc]
             self._tls_version = self._tls_info()[0]
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._lost:  # _timeout_cb may have run it already (a stalled handshake)
+            return
+        self._lost = True
         if self._connected:
             self._connected = False
             self.services.connections.release(self.client.ip)
@@ -160,6 +166,15 @@ class Session(SMTP):  # type: ignore[misc]
         await super()._handle_client()
 
     def _timeout_cb(self) -> None:
+        assert self.session is not None
+        if self._tls_protocol is not None and self.session.ssl is None:
+            # Silent in the middle of the STARTTLS handshake: asyncio's TLS layer
+            # would never report the closed connection, and the slot would leak.
+            raw = self._original_transport
+            if isinstance(raw, asyncio.WriteTransport):
+                raw.abort()
+            self.connection_lost(None)
+            return
         transport = self.transport
         if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
             transport.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
@@ -350,6 +365,7 @@ class Session(SMTP):  # type: ignore[misc]
         if ok:
             throttle.success(self.client.ip)
             self.user = name.lower()
+            self.sasl_method = mechanism
             return AuthResult(
                 success=True,
                 auth_data=LoginPassword(login, b""),
@@ -411,7 +427,7 @@ class Session(SMTP):  # type: ignore[misc]
         limit = self.services.config.limits.max_message_size
         for key, value in params.items():
             if key == "SIZE":
-                if value is None or not value.isdigit():
+                if value is None or not (value.isascii() and value.isdigit()):
                     return "501 5.5.4 Bad SIZE parameter"
                 if int(value) > limit:
                     return "552 5.3.4 Message size exceeds fixed limit"
@@ -458,7 +474,7 @@ class Session(SMTP):  # type: ignore[misc]
         self.queue_id = new_queue_id()
         who = f"client=unknown[{self.client.ip}]"
         if self.user is not None:
-            who += f", sasl_method=PLAIN, sasl_username={self.user}"
+            who += f", sasl_method={self.sasl_method}, sasl_username={self.user}"
         log.event(
             self.program,
             who,
@@ -534,12 +550,23 @@ class Session(SMTP):  # type: ignore[misc]
             self.services.config.limits.max_message_size,
             on_progress=self._reset_timeout,
         )
-        reply = await self._accept(result)
+        try:
+            reply = await self._accept(result)
+        except Exception:  # never a 5xx or a stuck session for our own bug
+            log.event(
+                self.program,
+                "error: cannot accept message; told the client to retry",
+                queue_id=self.queue_id,
+                level=logging.ERROR,
+                exc_info=True,
+            )
+            reply = "451 4.3.0 Error: local problem, try again later"
+        finally:
+            self._reset_transaction()
         if reply.startswith("250"):
             self.services.metrics.message_accepted(self.listener.name)
         else:
             self.services.metrics.refused(reply)
-        self._reset_transaction()
         await self.push(reply)
 
     async def _accept(self, result: dataread.DataResult) -> str:
@@ -553,6 +580,18 @@ class Session(SMTP):  # type: ignore[misc]
         except _Refused as refused:
             self._log_reject("END-OF-MESSAGE", refused.reply, None)
             return refused.reply
+        # Checked and counted together, with no await between, so parallel
+        # sessions from one client cannot all slip under the limit.
+        verdict = self.services.rate_limiter.check(
+            time.time(),
+            self.client.ip,
+            self.user,
+            self.sender.domain if self.sender else None,
+            record=True,
+        )
+        if verdict is not None:
+            self._log_reject("END-OF-MESSAGE", verdict.reply(), None)
+            return verdict.reply()
         envelope = self._envelope(message)
         try:
             await self.services.enqueue(envelope, message)
@@ -564,12 +603,12 @@ class Session(SMTP):  # type: ignore[misc]
                 level=logging.ERROR,
             )
             return "451 4.3.0 Error: queue file write error"
-        sender_domain = self.sender.domain if self.sender else None
-        self.services.rate_limiter.record(time.time(), self.client.ip, self.user, sender_domain)
         return f"250 2.0.0 Ok: queued as {self.queue_id}"
 
     async def _prepare(self, message: bytes) -> bytes:
         """Policy on the content, then our headers: trace, Message-ID/Date, DKIM."""
+        if headers.count_received(message) > MAX_HOPS:
+            raise _Refused("554 5.4.6 Too many hops: mail forwarding loop")
         services = self.services
         submitted = self.user is not None or self._may_relay()
         assert self.session is not None
