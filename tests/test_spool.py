@@ -138,33 +138,33 @@ def test_commit_stores_envelope_and_exact_bytes(spool: Spool) -> None:
     assert qfile.read_bytes().endswith(MESSAGE)
 
 
-def test_commit_returns_only_after_data_sync_rename_and_directory_sync(
+def test_commit_returns_only_after_data_sync_link_and_directory_sync(
     spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     events: list[str] = []
-    real_fdatasync, real_rename, real_sync_dir = os.fdatasync, os.rename, store._sync_dir
+    real_fdatasync, real_link, real_sync_dir = os.fdatasync, os.link, store._sync_dir
 
     def fdatasync(fd: int) -> None:
         events.append("fdatasync " + os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
         real_fdatasync(fd)
 
-    def rename(src: str, dst: str) -> None:
-        events.append(f"rename {Path(src).parent.name} -> {Path(dst).parent.name}")
-        real_rename(src, dst)
+    def link(src: str, dst: str) -> None:
+        events.append(f"link {Path(src).parent.name} -> {Path(dst).parent.name}")
+        real_link(src, dst)
 
     def sync_dir(path: str) -> None:
         events.append("fsync dir " + os.path.basename(path))
         real_sync_dir(path)
 
     monkeypatch.setattr(os, "fdatasync", fdatasync)
-    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "link", link)
     monkeypatch.setattr(store, "_sync_dir", sync_dir)
     env = envelope()
     commit(spool, env)
     events.append("returned")
     assert events == [
         f"fdatasync {env.queue_id}",
-        "rename tmp -> queue",
+        "link tmp -> queue",
         "fsync dir queue",
         "returned",
     ]
@@ -384,19 +384,19 @@ def test_failed_directory_fsync_fails_the_whole_batch_and_leaves_nothing(
     assert names(spool.root / "queue") == [] and names(spool.root / "tmp") == []
 
 
-def test_one_failed_rename_fails_only_its_own_commit(
+def test_one_failed_link_fails_only_its_own_commit(
     spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     envs = [envelope() for _ in range(10)]
     unlucky = envs[4].queue_id
-    real = os.rename
+    real = os.link
 
-    def rename(src: str, dst: str) -> None:
+    def link(src: str, dst: str) -> None:
         if os.path.basename(dst) == unlucky:
             raise OSError(errno.EIO, "Input/output error")
         real(src, dst)
 
-    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "link", link)
 
     async def batch() -> list[BaseException | None]:
         return await asyncio.gather(
@@ -618,3 +618,19 @@ def test_store_round_trips_any_envelope_and_data(env: Envelope, data: bytes) -> 
         asyncio.run(sp.update(env))
         assert sp.load(env.queue_id) == env
         asyncio.run(sp.close())
+
+
+def test_a_colliding_queue_id_never_replaces_a_queued_message(tmp_path: Path) -> None:
+    """Same id twice (a clock stepped back across a restart): the second commit fails."""
+    spool = store.Spool(tmp_path / "spool")
+    spool.ensure()
+    first = Envelope(queue_id=queueid.new_queue_id(), sender="a@x.test",
+                     recipients=[Recipient("b@y.test")], arrival_time=1.0)
+    asyncio.run(spool.commit(first, b"Subject: first\r\n\r\none\r\n"))
+    second = Envelope(queue_id=first.queue_id, sender="c@x.test",
+                      recipients=[Recipient("d@y.test")], arrival_time=2.0)
+    with pytest.raises(store.SpoolError):
+        asyncio.run(spool.commit(second, b"Subject: second\r\n\r\ntwo\r\n"))
+    assert spool.read_data(first.queue_id) == b"Subject: first\r\n\r\none\r\n"
+    assert spool.load(first.queue_id).sender == "a@x.test"
+    assert not any((tmp_path / "spool" / "tmp").iterdir())

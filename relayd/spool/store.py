@@ -16,13 +16,15 @@ recognised (its size does not add up) instead of being delivered truncated.
 One file per message means one data fsync per message on the accept path.
 
 Accept (``commit``): a worker thread writes tmp/ID and fdatasyncs it; then the
-group committer renames every file that is ready into queue/ and fsyncs queue/
-once for the whole batch, and only then wakes the callers. That directory
-fsync is the commit point: after it the message survives any crash and the
-session may answer 250. A crash before the rename leaves a file in tmp/ that
-recovery deletes (the client got no 250 and retries). A crash after the rename
-but before the directory fsync leaves the message either absent or complete in
-queue/ (its data was synced before the rename); if present it is delivered,
+group committer moves every file that is ready into queue/ (link, then unlink
+tmp/ID: unlike rename, link never replaces an existing queue file, so a queue
+id collision fails one commit instead of overwriting an acknowledged message)
+and fsyncs queue/ once for the whole batch, and only then wakes the callers.
+That directory fsync is the commit point: after it the message survives any
+crash and the session may answer 250. A crash before the link leaves a file in
+tmp/ that recovery deletes (the client got no 250 and retries). A crash after
+the link but before the directory fsync leaves the message either absent or
+complete in queue/ (its data was synced before); if present it is delivered,
 at worst a duplicate of the client's retry, never a loss. A failure anywhere
 (EFBIG, ENOSPC, EIO) unlinks what this caller wrote and raises SpoolError;
 if the directory fsync itself fails, every message of that batch is unlinked
@@ -206,6 +208,19 @@ def _sync_dir(path: str) -> None:
 
 def _rename(src: str, dst: str) -> bool:
     os.rename(src, dst)
+    return True
+
+
+def _place_new(src: str, dst: str) -> bool:
+    """Move a new queue file into place, never over an existing one.
+
+    A queue-id collision (clock stepped back across a restart) must fail
+    this commit (451) rather than silently replace an acknowledged message.
+    link() refuses an existing name; rename() would not.
+    """
+    os.link(src, dst)
+    with contextlib.suppress(OSError):  # a stray tmp/ name is recover()'s to clear
+        os.unlink(src)
     return True
 
 
@@ -488,7 +503,7 @@ class Spool:
         await self._write(tmp, (head, data), qid)
         await self._batched(
             _Op(
-                apply=functools.partial(_rename, tmp, dst),
+                apply=functools.partial(_place_new, tmp, dst),
                 dirs=(self._queue,),
                 on_fail=functools.partial(_unlink_quiet, tmp),
                 undo=functools.partial(_unlink_quiet, dst),
