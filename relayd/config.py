@@ -189,6 +189,14 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class ServerConfig:
+    # Extension: processes accepting SMTP (1 = the daemon alone; 0 = one per
+    # CPU core, written "auto"). Extra ones share the listening sockets and
+    # hand every accepted message to the daemon's single queue manager.
+    processes: int = 1
+
+
+@dataclass(frozen=True)
 class Config:
     hostname: str
     listeners: tuple[Listener, ...] = ()
@@ -207,6 +215,7 @@ class Config:
     dns: DNSConfig = field(default_factory=DNSConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     source: Path = DEFAULT_PATH
     warnings: tuple[str, ...] = ()
     # Where each key sits in the source file, so that check_files can point
@@ -252,6 +261,7 @@ SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
     "[control]": ("socket", "group"),
     "[logging]": ("level", "target"),
     "[metrics]": ("address",),
+    "[server]": ("processes",),
 }
 
 # Top-level names that open a section, and whether they are one table
@@ -273,6 +283,7 @@ _SECTIONS: Final[Mapping[str, Literal["table", "array"]]] = {
     "control": "table",
     "logging": "table",
     "metrics": "table",
+    "server": "table",
 }
 
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
@@ -1308,6 +1319,21 @@ def _read_logging(loader: _Loader) -> LoggingConfig:
     )
 
 
+def _processes(value: object) -> int:
+    if value == "auto":
+        return 0
+    try:
+        return _integer(1, 64)(value)
+    except _Bad as bad:
+        raise _Bad(f'expected "auto" or a number of processes from 1 to 64; {bad}') from None
+
+
+def _read_server(loader: _Loader) -> ServerConfig:
+    section = loader.section("server")
+    section.check_unknown()
+    return ServerConfig(processes=section.get("processes", _processes, ServerConfig().processes))
+
+
 def _read_metrics(loader: _Loader) -> MetricsConfig:
     section = loader.section("metrics")
     section.check_unknown()
@@ -1390,6 +1416,7 @@ def _build(loader: _Loader) -> Config:
         control=_read_control(loader),
         logging=_read_logging(loader),
         metrics=_read_metrics(loader),
+        server=_read_server(loader),
         source=loader.report.source,
         lines=loader.report.lines,
     )

@@ -15,11 +15,13 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from relayd import __version__, dkim, log, systemd
 from relayd import dns as relayd_dns
+from relayd.acceptor import AcceptorPool, worker_count
 from relayd.config import Config, ConfigError, check_files, load_config
 from relayd.control.server import ControlServer
 from relayd.delivery.agent import DeliveryAgent
@@ -65,6 +67,7 @@ class Daemon:
         self.services = self._services(config)
         self.listeners = Listeners(lambda: self.services)
         self.control = ControlServer(self)
+        self.acceptors = AcceptorPool(config.source, self._announced, self._rescan)
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._closing: asyncio.Future[None] | None = None
@@ -72,32 +75,38 @@ class Daemon:
     # ---- building the snapshot -------------------------------------------
 
     def _services(self, config: Config, users: UserStore | None = None) -> Services:
-        tls = None
-        if config.tls.cert is not None and config.tls.key is not None:
-            tls = server_tls_context(str(config.tls.cert), str(config.tls.key))
-        signer = dkim.Signer(config.dkim.keys)
-        return Services(
-            config=config,
-            tls_context=tls,
+        return build_services(
+            config,
             users=users or self.users,
             connections=self.connections,
             auth_throttle=self.auth_throttle,
             rate_limiter=self.rate_limiter,
             enqueue=self._enqueue,
-            sender_verdict=self._sender_verdict,
-            sign=lambda message: _sign(signer, message),
-            checks=InboundChecks(config),
             free_space=self.spool.free_space,
             metrics=self.metrics,
         )
-
-    def _sender_verdict(self, user: str, address: str) -> Verdict:
-        return sender.login_sender_verdict(self.users.current(), user, address)
 
     async def _enqueue(self, envelope: Envelope, message: bytes) -> None:
         await self.spool.commit(envelope, message)
         self.counters.accepted += 1
         self.scheduler.add(envelope)
+
+    def _announced(self, queue_id: str) -> None:
+        """An acceptor process committed this message: schedule it."""
+        try:
+            envelope = self.spool.load(queue_id)
+        except (KeyError, ValueError) as exc:
+            log.event("master", f"warning: announced message {queue_id!r} not loadable: {exc}",
+                      level=logging.WARNING)
+            return
+        self.counters.accepted += 1
+        self.scheduler.add(envelope)
+
+    def _rescan(self) -> None:
+        """After an acceptor died: pick up what it committed but never announced."""
+        for queue_id in self.spool.queue_ids():
+            if not self.scheduler.knows(queue_id):
+                self._announced(queue_id)
 
     # ---- running --------------------------------------------------------------
 
@@ -105,6 +114,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self.scheduler.load(self.spool.recover())
         await self.listeners.apply(self.config.listeners, systemd.listen_fds())
+        await self.acceptors.start(worker_count(self.config), self.listeners.fds())
         await self.control.start(self.config.control)
         await self.metrics_server.start(self.config.metrics.address)  # read at start only
         for sig, handler in (
@@ -129,7 +139,9 @@ class Daemon:
         systemd.stopping()
         log.event("master", "terminating on signal 15")
         self.listeners.close()
-        await self.listeners.drain(DRAIN_TIMEOUT)
+        await asyncio.gather(
+            self.listeners.drain(DRAIN_TIMEOUT), self.acceptors.stop(DRAIN_TIMEOUT + 5)
+        )
         await self.scheduler.stop(DRAIN_TIMEOUT)
         await self.agent.close()
         await self.control.stop()
@@ -180,6 +192,7 @@ class Daemon:
         old_agent = self.agent
         self.agent = DeliveryAgent(config, relayd_dns.make_resolver(config.dns))
         self.scheduler.reconfigure(config, self.agent)
+        await self.acceptors.replace(worker_count(config), self.listeners.fds())
         # Close the old agent's idle sessions; attempts in flight finish with it.
         self._closing = asyncio.ensure_future(old_agent.close())
         log.set_level(config.logging.level)
@@ -215,6 +228,42 @@ class Daemon:
         counts = self.scheduler.counts()
         queued = ", ".join(f"{v} {k}" for k, v in counts.items())
         return f"queue: {queued or 'empty'}"
+
+
+def build_services(
+    config: Config,
+    *,
+    users: UserStore,
+    connections: ratelimit.ConnectionCounter,
+    auth_throttle: ratelimit.AuthThrottle,
+    rate_limiter: ratelimit.RateLimiter,
+    enqueue: Callable[[Envelope, bytes], Awaitable[None]],
+    free_space: Callable[[], int],
+    metrics: Metrics,
+) -> Services:
+    """The snapshot sessions run on; the daemon and acceptor processes build it alike."""
+    tls = None
+    if config.tls.cert is not None and config.tls.key is not None:
+        tls = server_tls_context(str(config.tls.cert), str(config.tls.key))
+    signer = dkim.Signer(config.dkim.keys)
+
+    def sender_verdict(user: str, address: str) -> Verdict:
+        return sender.login_sender_verdict(users.current(), user, address)
+
+    return Services(
+        config=config,
+        tls_context=tls,
+        users=users,
+        connections=connections,
+        auth_throttle=auth_throttle,
+        rate_limiter=rate_limiter,
+        enqueue=enqueue,
+        sender_verdict=sender_verdict,
+        sign=lambda message: _sign(signer, message),
+        checks=InboundChecks(config),
+        free_space=free_space,
+        metrics=metrics,
+    )
 
 
 async def _sign(signer: dkim.Signer, message: bytes) -> bytes:

@@ -153,6 +153,9 @@ class Scheduler:
         self._envelopes[qid] = envelope
         self._push(envelope)
 
+    def knows(self, queue_id: str) -> bool:
+        return queue_id in self._envelopes
+
     def reconfigure(self, config: Config, agent: AgentLike | None = None) -> None:
         """Use a new config snapshot (and delivery agent) from now on.
 

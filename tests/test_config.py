@@ -671,6 +671,7 @@ EXTENSIONS = {
     ("[spool]", "min_free_space"),
     ("[control]", "group"),
     ("[metrics]", "address"),
+    ("[server]", "processes"),
 }
 
 
@@ -1145,3 +1146,18 @@ def test_format_duration_reads_back_to_its_two_largest_units(seconds: int) -> No
 def test_rates_round_trip(count: int, per: int) -> None:
     rate = parse_rate(format_rate(count, per))
     assert (rate.count, rate.per_seconds) == (count, per)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("1", 1), ("4", 4), ('"auto"', 0)])
+def test_server_processes(tmp_path: Path, value: str, expected: int) -> None:
+    path = tmp_path / "relayd.toml"
+    path.write_text(f'hostname = "mail.example.com"\n[server]\nprocesses = {value}\n')
+    assert load_config(path).server.processes == expected
+
+
+def test_server_processes_bad_value(tmp_path: Path) -> None:
+    path = tmp_path / "relayd.toml"
+    path.write_text('hostname = "mail.example.com"\n[server]\nprocesses = "many"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert f"relayd: {path}:3: [server] processes: expected \"auto\" or a number" in str(err.value)

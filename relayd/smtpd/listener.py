@@ -62,6 +62,10 @@ class Listeners:
     def names(self) -> list[str]:
         return [f"{k[0]} {k[1]}:{k[2]} ({k[3]}, tls={k[4]})" for k in self._servers]
 
+    def fds(self) -> dict[str, int]:
+        """Listening socket descriptors by listener name, for acceptor processes."""
+        return {key[0]: server.sockets[0].fileno() for key, server in self._servers.items()}
+
     @property
     def active_sessions(self) -> int:
         return sum(1 for s in self._sessions if s.transport is not None)

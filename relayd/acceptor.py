@@ -1,0 +1,259 @@
+"""Extra processes accepting SMTP, so sessions use every core (``[server] processes``).
+
+How this works. The daemon opens the listening sockets and starts N-1
+acceptor processes (``python -m relayd.acceptor``), passing them those
+sockets and one end of a socketpair. Every process, the daemon included,
+accepts on the same sockets; the kernel hands each connection to one of
+them. An acceptor runs the whole SMTP session and commits the message to
+the spool itself (its own group committer), so the 250 still comes only
+after the message is durable; then it writes the queue id on the
+socketpair. The daemon reads it, loads the envelope from the spool and
+gives it to the one scheduler: delivery, relayctl and the queue stay with
+a single owner, as Postfix's smtpd processes feed one qmgr.
+
+If an acceptor dies, the daemon starts another and rescans the spool once,
+so a message committed just before the crash but never announced is not
+left waiting for a restart. On reload the acceptors are replaced (new
+config, new listeners); sessions in flight finish on the old ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from relayd import log
+from relayd.config import Config, ConfigError, load_config
+from relayd.metrics import Metrics
+from relayd.policy import ratelimit
+from relayd.smtpd.listener import Listeners
+from relayd.smtpd.services import Services
+from relayd.spool.model import Envelope
+from relayd.spool.store import Spool
+from relayd.users import UserStore
+
+ENV_FDS = "RELAYD_ACCEPTOR_FDS"  # "name=fd,name=fd": the listening sockets
+ENV_MASTER = "RELAYD_ACCEPTOR_MASTER"  # fd of this acceptor's end of the socketpair
+DRAIN_TIMEOUT = 30.0
+RESPAWN_DELAY = 1.0
+
+
+def worker_count(config: Config) -> int:
+    """Acceptor processes to start besides the daemon itself."""
+    wanted = config.server.processes or (os.cpu_count() or 1)
+    return max(0, wanted - 1)
+
+
+# ---- the daemon's side -------------------------------------------------------------
+
+
+@dataclass
+class _Worker:
+    proc: asyncio.subprocess.Process
+    reader_task: asyncio.Task[None]
+    retiring: bool = False
+
+
+@dataclass
+class AcceptorPool:
+    """The daemon's acceptor processes, and what they announce."""
+
+    config_path: Path
+    on_queued: Callable[[str], None]
+    on_lost: Callable[[], None]
+    workers: list[_Worker] = field(default_factory=list)
+    _stopping: bool = False
+    _watchers: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def start(self, count: int, fds: dict[str, int]) -> None:
+        for _ in range(count):
+            await self._spawn(fds)
+
+    async def replace(self, count: int, fds: dict[str, int]) -> None:
+        """New acceptors for a new config; the old ones drain and exit."""
+        old, self.workers = self.workers, []
+        await self.start(count, fds)
+        for worker in old:
+            worker.retiring = True
+            with contextlib.suppress(ProcessLookupError):
+                worker.proc.send_signal(signal.SIGTERM)
+
+    async def stop(self, timeout: float) -> None:
+        self._stopping = True
+        for worker in self.workers:
+            worker.retiring = True
+            with contextlib.suppress(ProcessLookupError):
+                worker.proc.send_signal(signal.SIGTERM)
+        for worker in self.workers:
+            try:
+                await asyncio.wait_for(worker.proc.wait(), timeout)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.proc.kill()
+                await worker.proc.wait()
+        for task in list(self._watchers):
+            task.cancel()
+
+    async def _spawn(self, fds: dict[str, int]) -> None:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = _child_env(fds, theirs.fileno())
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "relayd.acceptor",
+                "--config",
+                str(self.config_path),
+                pass_fds=[*fds.values(), theirs.fileno()],
+                env=env,
+            )
+        finally:
+            theirs.close()
+        reader, writer = await asyncio.open_unix_connection(sock=mine)
+        worker = _Worker(proc, asyncio.create_task(self._read(reader, writer)))
+        self.workers.append(worker)
+        watcher = asyncio.create_task(self._watch(worker, fds))
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
+        log.event("master", f"started acceptor process {proc.pid}")
+
+    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                self.on_queued(line.decode("ascii", "replace").strip())
+        finally:
+            writer.close()
+
+    async def _watch(self, worker: _Worker, fds: dict[str, int]) -> None:
+        code = await worker.proc.wait()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(worker.reader_task, 5)  # every announcement read
+        if worker.retiring or self._stopping:
+            return
+        log.event(
+            "master",
+            f"warning: acceptor process {worker.proc.pid} exited with "
+            f"status {code}; starting another",
+            level=logging.WARNING,
+        )
+        self.on_lost()
+        if worker in self.workers:
+            self.workers.remove(worker)
+        await asyncio.sleep(RESPAWN_DELAY)
+        if not self._stopping:
+            await self._spawn(fds)
+
+
+def _child_env(fds: dict[str, int], master_fd: int) -> dict[str, str]:
+    env = dict(os.environ)
+    for name in (
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+        "LISTEN_FDS",
+        "LISTEN_PID",
+        "LISTEN_FDNAMES",
+    ):
+        env.pop(name, None)  # only the daemon talks to systemd
+    env[ENV_FDS] = ",".join(f"{name}={fd}" for name, fd in fds.items())
+    env[ENV_MASTER] = str(master_fd)
+    return env
+
+
+# ---- the acceptor's side -----------------------------------------------------------
+
+
+class Acceptor:
+    """One extra process: SMTP sessions and spool commits; scheduling is the daemon's."""
+
+    def __init__(self, config: Config, master: socket.socket) -> None:
+        from relayd.daemon import build_services
+
+        self.config = config
+        self.master = master
+        self.spool = Spool(config.spool.path)
+        self.spool.ensure()
+        self.services: Services = build_services(
+            config,
+            users=UserStore(config.auth.users_file),
+            connections=ratelimit.ConnectionCounter(
+                config.limits.max_connections, config.limits.max_connections_per_ip
+            ),
+            auth_throttle=ratelimit.AuthThrottle(
+                config.auth.max_failures, config.auth.failure_window
+            ),
+            rate_limiter=ratelimit.RateLimiter(config.rate_limits),
+            enqueue=self._enqueue,
+            free_space=self.spool.free_space,
+            metrics=Metrics(),
+        )
+        self.listeners = Listeners(lambda: self.services)
+        self._writer: asyncio.StreamWriter | None = None
+        self._stop = asyncio.Event()
+
+    async def _enqueue(self, envelope: Envelope, message: bytes) -> None:
+        await self.spool.commit(envelope, message)
+        assert self._writer is not None
+        self._writer.write(envelope.queue_id.encode("ascii") + b"\n")
+
+    async def run(self, inherited: dict[str, list[socket.socket]]) -> int:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, lambda: None)  # the daemon decides
+        loop.add_signal_handler(signal.SIGHUP, lambda: None)  # reload replaces us
+        reader, self._writer = await asyncio.open_unix_connection(sock=self.master)
+        await self.listeners.apply(self.config.listeners, inherited)
+        orphaned = asyncio.create_task(reader.read())  # EOF: the daemon is gone
+        stop = asyncio.create_task(self._stop.wait())
+        await asyncio.wait({orphaned, stop}, return_when=asyncio.FIRST_COMPLETED)
+        self.listeners.close()
+        await self.listeners.drain(DRAIN_TIMEOUT)
+        with contextlib.suppress(Exception):
+            await self._writer.drain()
+        await self.spool.close()
+        for task in (orphaned, stop):
+            task.cancel()
+        return 0
+
+
+def _inherited() -> tuple[dict[str, list[socket.socket]], socket.socket]:
+    sockets: dict[str, list[socket.socket]] = {}
+    for item in filter(None, os.environ.get(ENV_FDS, "").split(",")):
+        name, _, fd = item.rpartition("=")
+        sock = socket.socket(fileno=int(fd))
+        sockets.setdefault(name, []).append(sock)
+    master = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=int(os.environ[ENV_MASTER]))
+    return sockets, master
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="relayd-acceptor", description=__doc__)
+    parser.add_argument("--config", required=True)
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(Path(args.config))
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return 78
+    log.setup(config.logging.level, config.logging.target)
+    logging.getLogger("mail.log").setLevel(logging.CRITICAL)
+    inherited, master = _inherited()
+
+    async def serve() -> int:
+        return await Acceptor(config, master).run(inherited)
+
+    return asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
