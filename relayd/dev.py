@@ -59,6 +59,15 @@ socket = "run/control.sock"
 
 [logging]
 target = "stderr"
+
+# Safe by default: nothing leaves this machine. All outbound mail is routed
+# to 127.0.0.1:2526, where nothing listens, so it stays in the queue for
+# `relayctl queue` to show. Point "via" at a test SMTP server (for example
+# `smtp-sink 127.0.0.1:2526 100`), or delete this route to deliver by MX.
+[[route]]
+domain = "*"
+via = "127.0.0.1:2526"
+tls = "none"
 """
 
 
@@ -124,9 +133,11 @@ def main() -> int:
   submission  127.0.0.1:2587  (STARTTLS, then AUTH)
   submissions 127.0.0.1:2465  (implicit TLS, AUTH)
   user dev, password {password}   (may send as any address)
+  outbound mail stays queued (see the [[route]] in {rel}/relayd.toml)
 Try: swaks --server 127.0.0.1:2587 --tls --auth-user dev --auth-password {password} \\
        --from you@localhost --to someone@example.org
      .venv/bin/relayctl --config {rel}/relayd.toml queue
+(swaks needs libnet-ssleay-perl for --tls)
 """,
         flush=True,
     )
