@@ -740,7 +740,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         for line in exc.problems:
             print(_local_problem(line), file=sys.stderr)
-        return EXIT_FAILED
+        if args.command != "status":
+            return EXIT_FAILED
+        # status still answers "not running" (exit 3) when there is no config
+        # to read: it looks for the daemon at the default socket.
+        config, problems = Config(hostname="localhost", source=path), []
     if problems and args.command != "reload":  # reload: the daemon reports them itself
         print(
             f"relayctl: warning: {path} does not load ({len(problems)} problem"

@@ -283,3 +283,16 @@ def test_no_thread_left_behind() -> None:
     """The harness itself: every server started above was stopped."""
     names = [t.name for t in threading.enumerate() if t.name.startswith(("MXServer", "DNS"))]
     assert names == []
+
+
+def test_status_without_a_config_file_says_not_running(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.toml"
+    out = subprocess.run(
+        [sys.executable, "-m", "relayd.ctl", "--config", str(missing), "status"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 3
+    assert "not running" in out.stdout
+    assert "cannot read config" in out.stderr
