@@ -37,6 +37,7 @@ from relayd.spool.store import Spool
 from relayd.users import UserStore
 
 DRAIN_TIMEOUT = 30.0
+STATUS_INTERVAL = 15.0
 
 
 @dataclass
@@ -96,8 +97,11 @@ class Daemon:
         try:
             envelope = self.spool.load(queue_id)
         except (KeyError, ValueError) as exc:
-            log.event("master", f"warning: announced message {queue_id!r} not loadable: {exc}",
-                      level=logging.WARNING)
+            log.event(
+                "master",
+                f"warning: announced message {queue_id!r} not loadable: {exc}",
+                level=logging.WARNING,
+            )
             return
         self.counters.accepted += 1
         self.scheduler.add(envelope)
@@ -126,6 +130,7 @@ class Daemon:
         tasks = [
             asyncio.create_task(self.scheduler.run(), name="scheduler"),
             asyncio.create_task(systemd.watchdog_task(), name="watchdog"),
+            asyncio.create_task(self._report_status(), name="status"),
         ]
         systemd.ready(self.status_line())
         log.event(
@@ -224,10 +229,20 @@ class Daemon:
         )
         return text
 
+    async def _report_status(self) -> None:
+        """Keep ``systemctl status relayd`` showing current queue counts."""
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL)
+            systemd.status(self.status_line())
+
     def status_line(self) -> str:
         counts = self.scheduler.counts()
         queued = ", ".join(f"{v} {k}" for k, v in counts.items())
-        return f"queue: {queued or 'empty'}"
+        stats = self.scheduler.stats
+        return (
+            f"queue: {queued or 'empty'}; since start: {self.counters.accepted} accepted, "
+            f"{stats.delivered} delivered, {stats.bounced} bounced"
+        )
 
 
 def build_services(
