@@ -29,7 +29,7 @@ lint: $(STAMP)
 
 ## bench: relayd side by side with Postfix (installs Debian's postfix if missing)
 bench: $(STAMP)
-	$(BIN)/python -m bench
+	PYTHONPATH=tests $(BIN)/python -m bench $(BENCH_ARGS)
 
 ## install / uninstall: as a systemd service (DESTDIR= and PREFIX= honoured)
 install:
