@@ -52,6 +52,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="parent of the temporary spools and queues (default: $TMPDIR)",
     )
     p.add_argument("--relayd-only", action="store_true", help="skip Postfix (no ratios)")
+    p.add_argument(
+        "--relayd-processes",
+        metavar="N",
+        help="relayd's [server] processes (\"auto\" or a number; default: relayd's default)",
+    )
     p.add_argument("--no-durability", action="store_true", help="skip the SIGKILL test")
     p.add_argument(
         "--profile",
@@ -113,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs:
         plan = replace(plan, runs=args.runs)
     kinds = ("relayd",) if args.relayd_only else scenarios.KINDS
+    scenarios.RELAYD_PROCESSES = args.relayd_processes
     blocks = tuple(args.only or ("accept", "relay", "idle"))
 
     signal.signal(signal.SIGTERM, _interrupt)
@@ -130,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(["bench", *(argv if argv is not None else sys.argv[1:])]),
         "plan": scenarios.as_dict(plan),
+        "relayd_processes": args.relayd_processes or "default",
         "open_files_limit": nofile,
         "runs": [],
     }

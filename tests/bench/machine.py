@@ -95,6 +95,29 @@ def _version(cmd: list[str]) -> str:
         return "unknown"
 
 
+def relayd_revision() -> str:
+    """The checkout's commit, "+changes" when relayd/ differs from it."""
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--", "relayd"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")
+
+
 def describe(workdir: Path) -> dict[str, Any]:
     dev, mnt, fstype = _mount_of(workdir)
     st = os.statvfs(workdir)
@@ -107,6 +130,7 @@ def describe(workdir: Path) -> dict[str, Any]:
         "kernel": platform.release(),
         "python": sys.version.split()[0],
         "relayd": relayd_version,
+        "relayd_revision": relayd_revision(),
         "postfix": _version([tool("postconf") or "postconf", "-d", "-h", "mail_version"]),
         "disk": {
             "device": dev,

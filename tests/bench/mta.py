@@ -5,19 +5,15 @@ everything to one next hop on 127.0.0.1: a closed port (so mail stays
 queued, "accept") or an smtp-sink ("relay"). Settings are kept equivalent
 where the two have a counterpart:
 
-=============================  ===============================  ============================
-what                           relayd                           Postfix
-=============================  ===============================  ============================
-next hop                       ``[[route]] domain = "*"``       ``relayhost = [127.0.0.1]:N``
-concurrency to that hop        ``per_domain_concurrency = 20``  ``default_destination_...
-                                                                concurrency_limit = 20``
-relaying from loopback         ``[relay] networks`` (default)   ``mynetworks = 127.0.0.0/8``
-reverse DNS of the client      never                            ``smtpd_peername_lookup = no``
-max message size               25 MB                            ``message_size_limit`` 25 MB
-TLS                            none on the listener and hop     none
-sessions at once               ``max_connections[_per_ip]``     smtpd ``maxproc`` in master.cf
-log                            stderr to a file, level info     ``maillog_file`` (postlogd)
-=============================  ===============================  ============================
+- next hop: relayd ``[[route]] domain = "*"``; Postfix ``relayhost = [127.0.0.1]:N``
+- concurrency to it: ``per_domain_concurrency = 20``;
+  ``default_destination_concurrency_limit = 20`` (Postfix's default)
+- relaying from loopback: ``[relay] networks`` (default); ``mynetworks = 127.0.0.0/8``
+- reverse DNS of the client: never; ``smtpd_peername_lookup = no``
+- max message size: 25 MB; ``message_size_limit = 25000000``
+- TLS: none on the listener and the hop; none
+- sessions at once: ``max_connections[_per_ip] = 2000``; smtpd ``maxproc`` in master.cf
+- log: stderr to a file at level info; ``maillog_file`` through postlogd
 
 The Postfix instance has its own config_directory, queue_directory and
 data_directory under the benchmark's work directory, runs no chroot, and is
@@ -79,6 +75,7 @@ class Relayd:
         max_connections: int = 2000,
         command: list[str] | None = None,
         env: dict[str, str] | None = None,
+        processes: str | None = None,
     ) -> None:
         self.root = root
         self.next_hop = next_hop
@@ -86,6 +83,7 @@ class Relayd:
         # How to run the daemon (for experiments: a launcher that patches first).
         self.command = command or [sys.executable, "-m", "relayd.cli"]
         self.extra_env = env or {}
+        self.processes = processes  # [server] processes; None: relayd's default
         self.port = free_port(LOOPBACK)
         self.proc: subprocess.Popen[bytes] | None = None
         self.spool = root / "spool"
@@ -128,7 +126,11 @@ per_domain_concurrency = {HOP_CONCURRENCY}
 domain = "*"
 via = "{LOOPBACK}:{self.next_hop}"
 tls = "none"
-"""
+""" + (f"\n[server]\nprocesses = {self._processes_toml()}\n" if self.processes else "")
+
+    def _processes_toml(self) -> str:
+        p = str(self.processes)
+        return p if p.isdigit() else f'"{p}"'
 
     def start(self, timeout: float = 30.0) -> None:
         self.config_path.write_text(self.config_text())

@@ -118,7 +118,7 @@ def table(summary: dict[str, Any], idle: int, runs: int) -> str:
             sign = ">=" if row.better == "higher" else "<="
             met = e.get("met")
             target = f"{sign} {row.target:g}" + (
-                "" if met is None else (" met" if met else " MISSED")
+                "" if met is None else (" met" if met else " not met")
             )
         lines.append(
             (

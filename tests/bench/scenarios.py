@@ -105,9 +105,13 @@ class Plan:
         )
 
 
+# [server] processes for every relayd started (--relayd-processes); None: the default.
+RELAYD_PROCESSES: str | None = None
+
+
 def make(kind: str, root: Path, next_hop: int, smtpd_maxproc: int | None = 2000) -> MTA:
     if kind == "relayd":
-        return Relayd(root, next_hop)
+        return Relayd(root, next_hop, processes=RELAYD_PROCESSES)
     if kind == "postfix":
         return Postfix(root, next_hop, smtpd_maxproc=smtpd_maxproc)
     raise ValueError(kind)
@@ -355,7 +359,7 @@ def durability(root: Path, plan: Plan) -> dict[str, Any]:
     """SIGKILL relayd halfway through a load, restart it, compare 250s with the spool."""
     from relayd.spool.store import Spool
 
-    mta = Relayd(root, next_hop=free_port())
+    mta = Relayd(root, next_hop=free_port(), processes=RELAYD_PROCESSES)
     info: dict[str, Any] = {}
     try:
         mta.start()

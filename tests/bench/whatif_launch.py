@@ -1,0 +1,122 @@
+"""relayd with one experimental change applied in memory (``$WHATIF``, comma-separated).
+
+``python -m bench.whatif_launch --config FILE`` runs relayd like ``relayd.cli``
+after patching the named functions; relayd's files are never changed. The
+patches reach into relayd's internals and follow them as of the commit named
+in docs/performance.md: update them when those internals move.
+
+- ``hold``: new mail is never scheduled (an upper bound for "held" mail).
+- ``sched``: blocked deliveries wait in per-domain lists; a wake-up looks only
+  at domains with a free slot.
+- ``nogroup``: no group commit: one link + directory fsync per message.
+- ``lines``: DATA read one line per await (as aiosmtpd does), same checks.
+- ``uvloop``: nothing to patch; the runner puts uvloop on the module path and
+  relayd's daemon uses it when importable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import os
+import sys
+from typing import Any
+
+
+def _hold() -> None:
+    from relayd import scheduler
+
+    scheduler.Scheduler.add = lambda self, env: None  # type: ignore[method-assign]
+
+
+def _sched() -> None:
+    from relayd import scheduler
+
+    def dispatch_due(self: Any) -> None:
+        now = self._clock()
+        waiting = self.__dict__.setdefault("_waiting", {})
+        due, self._blocked = self._blocked, []
+        while self._heap and self._heap[0][0] <= now:
+            due.append(heapq.heappop(self._heap))
+        cap = max(1, self._config.delivery.per_domain_concurrency)
+        limit = max(1, self._config.delivery.concurrency)
+        for key in list(waiting):
+            if all(self._per_domain[d] < cap for d in key):
+                due.extend(waiting.pop(key))
+        due.sort()
+        for i, entry in enumerate(due):
+            if self._stopping or len(self._tasks) >= limit:
+                self._blocked.extend(due[i:])
+                return
+            env = self._current(entry)
+            if env is None:
+                continue
+            domains = scheduler._domains(env)
+            if all(self._per_domain[d] < cap for d in domains):
+                self._start(env, domains)
+            else:
+                waiting.setdefault(frozenset(domains), []).append(entry)
+
+    scheduler.Scheduler._dispatch_due = dispatch_due  # type: ignore[method-assign]
+
+
+def _nogroup() -> None:
+    from relayd.spool import store
+
+    async def run_committer(self: Any) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            batch = [self._pending.pop(0)]
+            ops = [op for op, _ in batch]
+            done = loop.run_in_executor(self._syncers(), store._run_batch, ops)
+            cancelled = await store._wait_through_cancel(done)
+            self.stats.batches += 1
+            self.stats.dir_syncs += done.result() if not done.exception() else 0
+            for op, future in batch:
+                store._settle(op, future, done.exception())
+            if cancelled:
+                raise asyncio.CancelledError
+
+    store.Spool._run_committer = run_committer  # type: ignore[method-assign]
+
+
+def _lines() -> None:
+    from relayd.smtpd import dataread
+
+    async def read_data(
+        reader: asyncio.StreamReader, max_size: int, on_progress: Any = None
+    ) -> dataread.DataResult:
+        lines = []
+        size = 0
+        while True:
+            line = await reader.readuntil(b"\r\n")
+            if line == b".\r\n":
+                break
+            size += len(line)
+            if size <= max_size:
+                lines.append(line)
+            if on_progress is not None:
+                on_progress()
+        if size > max_size:
+            return dataread.DataResult(b"", size, "too_big")
+        message, problem = dataread.check_and_unstuff(b"".join(lines))
+        return dataread.DataResult(message, size, problem)
+
+    dataread.read_data = read_data  # type: ignore[assignment]
+
+
+PATCHES = {"hold": _hold, "sched": _sched, "nogroup": _nogroup, "lines": _lines, "uvloop": None}
+
+
+def main() -> int:
+    for name in filter(None, os.environ.get("WHATIF", "").split(",")):
+        patch = PATCHES[name]
+        if patch is not None:
+            patch()
+    from relayd.cli import main as relayd_main
+
+    return relayd_main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
