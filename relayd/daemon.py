@@ -301,12 +301,9 @@ def run(config: Config) -> int:
     aiosmtpd_log = logging.getLogger("mail.log")
     aiosmtpd_log.setLevel(logging.CRITICAL)
     aiosmtpd_log.propagate = False
-    try:
-        import uvloop
-
-        runner: Any = uvloop.run
-    except ImportError:
-        runner = asyncio.run
+    # Plain asyncio on purpose: under uvloop the SIGTERM drain was seen to
+    # hang; uvloop stays future work (see docs/performance.md).
+    runner: Any = asyncio.run
 
     async def main() -> int:
         daemon = Daemon(config)

@@ -556,11 +556,15 @@ def test_stopped_daemon(relayd: Relayd) -> None:
 
 def test_config_file_problems(relayd: Relayd, tmp_path: Path) -> None:
     missing = tmp_path / "missing.toml"
-    for argv in (("queue",), ("status",), ("user", "list")):
+    for argv in (("queue",), ("user", "list")):
         out = run(missing, *argv)
         assert out.returncode == 1, out
         [line] = out.stderr.decode().splitlines()  # one clear line
         assert str(missing) in line and "cannot read" in line
+    # status still answers the question it is for: not running, exit 3.
+    out = run(missing, "status")
+    assert out.returncode == 3 and b"not running" in out.stdout
+    assert "cannot read" in out.stderr.decode()
 
     # $RELAYD_CONFIG names the config when --config does not.
     env = dict(os.environ, RELAYD_CONFIG=str(relayd.config_path))

@@ -23,7 +23,7 @@ import time
 import warnings
 from base64 import b64decode
 from collections import Counter
-from typing import Any
+from typing import Any, TypeGuard
 
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
@@ -171,12 +171,12 @@ class Session(SMTP):  # type: ignore[misc]
             # Silent in the middle of the STARTTLS handshake: asyncio's TLS layer
             # would never report the closed connection, and the slot would leak.
             raw = self._original_transport
-            if isinstance(raw, asyncio.WriteTransport):
+            if _writable(raw):
                 raw.abort()
             self.connection_lost(None)
             return
         transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        if _writable(transport) and not transport.is_closing():
             transport.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
             log.event(
                 self.program,
@@ -681,3 +681,8 @@ def _command_limits() -> Any:
     from collections import defaultdict
 
     return defaultdict(lambda: 512, {"MAIL": 1024, "RCPT": 1024, "AUTH": 2048})
+
+
+def _writable(transport: object) -> TypeGuard[asyncio.WriteTransport]:
+    """A transport we can write to; uvloop's do not subclass asyncio's ABCs."""
+    return transport is not None and hasattr(transport, "write") and hasattr(transport, "abort")
