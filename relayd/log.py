@@ -24,7 +24,7 @@ _LEVELS = {
 }
 
 # syslog priorities for the "<N>" prefix journald reads on a stderr stream.
-_PRIORITY = {
+SYSLOG_PRIORITY = {
     logging.DEBUG: 7,
     logging.INFO: 6,
     logging.WARNING: 4,
@@ -47,7 +47,7 @@ class _StderrFormatter(logging.Formatter):
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         if self.journal_stream:
-            return f"<{_PRIORITY.get(record.levelno, 6)}>{program}: {text}"
+            return f"<{SYSLOG_PRIORITY.get(record.levelno, 6)}>{program}: {text}"
         return f"{program}[{self.pid}]: {text}"
 
 

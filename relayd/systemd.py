@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from relayd.log import SYSLOG_PRIORITY
+
 # Logger names and syslog identifiers all start with this.
 ROOT = "relayd"
 
@@ -47,14 +49,8 @@ _SEND_TIMEOUT = 1.0
 
 _LISTEN_VARS = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 
-# syslog priorities, as in relayd.log for the stderr stream.
-_PRIORITY = {
-    logging.DEBUG: 7,
-    logging.INFO: 6,
-    logging.WARNING: 4,
-    logging.ERROR: 3,
-    logging.CRITICAL: 2,
-}
+# syslog priorities: the same table relayd.log uses for the stderr stream.
+_PRIORITY = SYSLOG_PRIORITY
 
 # LOG_MAIL: `journalctl --facility=mail` finds relayd next to other MTAs.
 _FACILITY_MAIL = 2
