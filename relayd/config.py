@@ -1337,7 +1337,7 @@ def _read_server(loader: _Loader) -> ServerConfig:
 def _read_metrics(loader: _Loader) -> MetricsConfig:
     section = loader.section("metrics")
     section.check_unknown()
-    return MetricsConfig(address=section.get("address", _host_port("127.0.0.1:9100"), None))
+    return MetricsConfig(address=section.get("address", _host_port("127.0.0.1:9587"), None))
 
 
 # ---------------------------------------------------------------------------

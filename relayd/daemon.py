@@ -52,8 +52,7 @@ class Daemon:
         self.counters = Counters()
         self.metrics = Metrics()
         self.spool = Spool(config.spool.path)
-        self.resolver = relayd_dns.make_resolver(config.dns)
-        self.agent = DeliveryAgent(config, self.resolver)
+        self.agent = DeliveryAgent(config, relayd_dns.make_resolver(config.dns))
         self.scheduler = Scheduler(config, self.spool, self.agent, metrics=self.metrics)
         self.metrics.queue = self.scheduler.counts
         self.metrics_server = MetricsServer(self.metrics.render)
@@ -156,9 +155,6 @@ class Daemon:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-
-    def request_stop(self) -> None:
-        self._stop.set()
 
     async def reload(self) -> str | None:
         """Swap in a new config snapshot; on any problem keep the running one.

@@ -195,9 +195,9 @@ class RateLimiter:
 
         A refused message is not counted, so a client retrying too early
         does not push its own release further away. With ``record=False``
-        nothing is counted yet: the session checks at MAIL and calls
-        ``record()`` only once the message is queued, so transactions
-        refused later (SPF, DMARC, size) do not use up the client's limit.
+        nothing is counted: the session checks so at MAIL, then checks and
+        counts in one step at end of DATA, so transactions refused in
+        between (SPF, DMARC, size) do not use up the client's limit.
         """
         applicable = self._applicable(ip, user, sender_domain)
         hits: list[_Hit] = []
@@ -214,13 +214,6 @@ class RateLimiter:
             for name, key, rate in applicable:
                 self._tables[name].record(key, now, rate)
         return None
-
-    def record(
-        self, now: float, ip: str, user: str | None = None, sender_domain: str | None = None
-    ) -> None:
-        """Count one accepted message against every limit that applies."""
-        for name, key, rate in self._applicable(ip, user, sender_domain):
-            self._tables[name].record(key, now, rate)
 
 
 def _refusal(hit: _Hit) -> Refuse:

@@ -15,12 +15,11 @@ import socket
 import ssl
 import weakref
 from collections.abc import Callable
-from typing import TypeGuard
 
 from relayd import log
 from relayd.config import Listener
 from relayd.smtpd.services import Services
-from relayd.smtpd.session import Session
+from relayd.smtpd.session import Session, writable
 
 BACKLOG = 1024
 
@@ -151,7 +150,7 @@ class Listeners:
             await asyncio.sleep(0.05)
         for session in list(self._sessions):
             transport = session.transport
-            if _writable(transport):
+            if writable(transport):
                 with contextlib.suppress(Exception):
                     transport.write(b"421 4.3.2 Service shutting down\r\n")
                     transport.close()
@@ -172,8 +171,3 @@ def _take_inherited(
                 sock.setblocking(False)
                 return sock
     return None
-
-
-def _writable(transport: object) -> TypeGuard[asyncio.WriteTransport]:
-    """A transport we can write to; uvloop's do not subclass asyncio's ABCs."""
-    return transport is not None and hasattr(transport, "write") and hasattr(transport, "abort")

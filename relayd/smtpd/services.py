@@ -91,8 +91,6 @@ class RateLimiter(Protocol):
         self, now: float, ip: str, user: str | None, sender_domain: str | None, *, record: bool
     ) -> Verdict: ...
 
-    def record(self, now: float, ip: str, user: str | None, sender_domain: str | None) -> None: ...
-
 
 @dataclass
 class _FreeSpaceCache:
@@ -127,12 +125,13 @@ class Services:
     metrics: Metrics = field(default_factory=Metrics)
     _free: _FreeSpaceCache | None = None
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_free", _FreeSpaceCache(self.free_space))
+
     def spool_full(self) -> bool:
         """Under the ``[spool] min_free_space`` floor: refuse new mail with 452 4.3.1."""
-        cache = self._free or _FreeSpaceCache(self.free_space)
-        if self._free is None:
-            object.__setattr__(self, "_free", cache)
-        return cache.get() < self.config.spool.min_free_space
+        assert self._free is not None
+        return self._free.get() < self.config.spool.min_free_space
 
 
 def server_tls_context(cert: str, key: str) -> ssl.SSLContext:

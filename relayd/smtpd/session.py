@@ -171,12 +171,12 @@ class Session(SMTP):  # type: ignore[misc]
             # Silent in the middle of the STARTTLS handshake: asyncio's TLS layer
             # would never report the closed connection, and the slot would leak.
             raw = self._original_transport
-            if _writable(raw):
+            if writable(raw):
                 raw.abort()
             self.connection_lost(None)
             return
         transport = self.transport
-        if _writable(transport) and not transport.is_closing():
+        if writable(transport) and not transport.is_closing():
             transport.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
             log.event(
                 self.program,
@@ -683,6 +683,6 @@ def _command_limits() -> Any:
     return defaultdict(lambda: 512, {"MAIL": 1024, "RCPT": 1024, "AUTH": 2048})
 
 
-def _writable(transport: object) -> TypeGuard[asyncio.WriteTransport]:
+def writable(transport: object) -> TypeGuard[asyncio.WriteTransport]:
     """A transport we can write to; uvloop's do not subclass asyncio's ABCs."""
     return transport is not None and hasattr(transport, "write") and hasattr(transport, "abort")
