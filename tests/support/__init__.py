@@ -24,11 +24,12 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from types import TracebackType
+from typing import Any, Self, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["LoopThread"]
+__all__ = ["LoopThread", "ThreadedServer"]
 
 
 class LoopThread:
@@ -103,3 +104,38 @@ class LoopThread:
             if thread.is_alive():
                 raise TimeoutError(f"{self.name}: thread did not stop within {timeout}s")
         self._thread = None
+
+
+class ThreadedServer:
+    """What the DNS and MX servers share: stop() and the context manager.
+
+    A subclass sets ``self._loop`` (a :class:`LoopThread`) and defines
+    ``start()`` and ``async _close()`` (close its own sockets).
+    """
+
+    _loop: LoopThread
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    async def _close(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Close every socket and join the server thread (idempotent)."""
+        if self._loop.running:
+            try:
+                self._loop.call(self._close())
+            finally:
+                self._loop.stop()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -28,7 +28,6 @@ import contextlib
 import ipaddress
 import socket
 import threading
-from types import TracebackType
 from typing import cast
 
 import dns.asyncresolver
@@ -47,7 +46,7 @@ import dns.reversename
 import dns.rrset
 import dns.tokenizer
 
-from . import LoopThread
+from . import LoopThread, ThreadedServer
 
 __all__ = ["FAULT_KINDS", "DNSServer"]
 
@@ -156,7 +155,7 @@ class _UDPProtocol(asyncio.DatagramProtocol):
             self.transport.sendto(reply, addr)
 
 
-class DNSServer:
+class DNSServer(ThreadedServer):
     """Authoritative DNS server on loopback for tests (UDP and TCP on one port).
 
     Thread-safe: records and faults may be changed while the server runs; the
@@ -249,25 +248,6 @@ class DNSServer:
             await asyncio.wait_for(self._tcp_server.wait_closed(), 5.0)
             self._tcp_server = None
         await asyncio.sleep(0)  # let transports run their close callbacks
-
-    def stop(self) -> None:
-        """Close every socket and join the server thread (idempotent)."""
-        if self._loop.running:
-            try:
-                self._loop.call(self._close())
-            finally:
-                self._loop.stop()
-
-    def __enter__(self) -> DNSServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- zone --------------------------------------------------------------
 

@@ -36,7 +36,7 @@ from typing import Any, AnyStr, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, Session
 
-from . import LoopThread
+from . import LoopThread, ThreadedServer
 from .ports import free_port
 
 __all__ = ["BEHAVIOURS", "MXPool", "MXServer", "RawHandler", "ReceivedMessage"]
@@ -253,7 +253,7 @@ class _RawProtocol(asyncio.StreamReaderProtocol):
         super().connection_lost(exc)
 
 
-class MXServer:
+class MXServer(ThreadedServer):
     """A scriptable SMTP server on one loopback address.
 
     ``cert`` is ``(cert_path, key_path)`` (see :mod:`.certs`); with it the
@@ -466,25 +466,6 @@ class MXServer:
             self._server = None
         for _ in range(3):
             await asyncio.sleep(0)  # let connection_lost callbacks run
-
-    def stop(self) -> None:
-        """Abort every connection, close the socket and join the thread (idempotent)."""
-        if self._loop.running:
-            try:
-                self._loop.call(self._close())
-            finally:
-                self._loop.stop()
-
-    def __enter__(self) -> MXServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- connections -------------------------------------------------------
 
