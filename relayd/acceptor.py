@@ -38,7 +38,7 @@ from relayd.policy import ratelimit
 from relayd.smtpd.listener import Listeners
 from relayd.smtpd.services import Services
 from relayd.spool.model import Envelope
-from relayd.spool.store import Spool
+from relayd.spool.store import Spool, Tail
 from relayd.users import UserStore
 
 ENV_FDS = "RELAYD_ACCEPTOR_FDS"  # "name=fd,name=fd": the listening sockets
@@ -194,14 +194,15 @@ class Acceptor:
             rate_limiter=ratelimit.RateLimiter(config.rate_limits),
             enqueue=self._enqueue,
             free_space=self.spool.free_space,
+            spill_dir=self.spool.tmp_dir,
             metrics=Metrics(),
         )
         self.listeners = Listeners(lambda: self.services)
         self._writer: asyncio.StreamWriter | None = None
         self._stop = asyncio.Event()
 
-    async def _enqueue(self, envelope: Envelope, message: bytes) -> None:
-        await self.spool.commit(envelope, message)
+    async def _enqueue(self, envelope: Envelope, message: bytes, tail: Tail | None) -> None:
+        await self.spool.commit(envelope, message, tail)
         assert self._writer is not None
         self._writer.write(envelope.queue_id.encode("ascii") + b"\n")
 

@@ -29,11 +29,12 @@ from relayd.metrics import Metrics, MetricsServer
 from relayd.policy import ratelimit, sender
 from relayd.policy.verdict import Verdict
 from relayd.scheduler import Scheduler
+from relayd.smtpd.content import Content
 from relayd.smtpd.inbound import InboundChecks
 from relayd.smtpd.listener import Listeners
 from relayd.smtpd.services import Services, server_tls_context
 from relayd.spool.model import Envelope
-from relayd.spool.store import Spool
+from relayd.spool.store import Spool, Tail
 from relayd.users import UserStore
 
 DRAIN_TIMEOUT = 30.0
@@ -83,11 +84,12 @@ class Daemon:
             rate_limiter=self.rate_limiter,
             enqueue=self._enqueue,
             free_space=self.spool.free_space,
+            spill_dir=self.spool.tmp_dir,
             metrics=self.metrics,
         )
 
-    async def _enqueue(self, envelope: Envelope, message: bytes) -> None:
-        await self.spool.commit(envelope, message)
+    async def _enqueue(self, envelope: Envelope, message: bytes, tail: Tail | None) -> None:
+        await self.spool.commit(envelope, message, tail)
         self.counters.accepted += 1
         self.scheduler.add(envelope)
 
@@ -248,8 +250,9 @@ def build_services(
     connections: ratelimit.ConnectionCounter,
     auth_throttle: ratelimit.AuthThrottle,
     rate_limiter: ratelimit.RateLimiter,
-    enqueue: Callable[[Envelope, bytes], Awaitable[None]],
+    enqueue: Callable[[Envelope, bytes, Tail | None], Awaitable[None]],
     free_space: Callable[[], int],
+    spill_dir: str,
     metrics: Metrics,
 ) -> Services:
     """The snapshot sessions run on; the daemon and acceptor processes build it alike."""
@@ -270,23 +273,26 @@ def build_services(
         rate_limiter=rate_limiter,
         enqueue=enqueue,
         sender_verdict=sender_verdict,
-        sign=lambda message: _sign(signer, message),
+        sign=lambda header, content: _sign(signer, header, content),
         checks=InboundChecks(config),
         free_space=free_space,
+        spill_dir=spill_dir,
         metrics=metrics,
     )
 
 
-async def _sign(signer: dkim.Signer, message: bytes) -> bytes:
-    if not signer.domains:  # no keys: no thread hop on the hot path
-        return message
+async def _sign(signer: dkim.Signer, header: bytes, content: Content) -> bytes:
+    """The DKIM-Signature field(s) for ``header`` followed by the content's body, or b""."""
+    if not signer.domains or dkim.from_domain(header) not in signer.domains:
+        return b""  # no key for it: no thread hop, no body read
+    message = header + content.read()[content.body_offset :]
     try:
-        signed = await signer.sign_async(message)
+        fields = await signer.signature_async(message)
     except Exception as exc:  # dkimpy raises its own types for bad input
         # A message dkimpy cannot parse is relayed unsigned rather than refused.
         log.event("cleanup", f"warning: not DKIM-signed: {exc}", level=logging.WARNING)
-        return message
-    return signed if signed is not None else message
+        return b""
+    return fields or b""
 
 
 def run(config: Config) -> int:

@@ -227,6 +227,13 @@ class Signer:
         fields = self.signature(message, linesep)
         return None if fields is None else fields + message
 
+    async def signature_async(
+        self, message: bytes, linesep: bytes = b"\r\n", executor: Executor | None = None
+    ) -> bytes | None:
+        """:meth:`signature` in a thread, so RSA arithmetic does not stall the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(executor, self.signature, message, linesep)
+
     async def sign_async(
         self, message: bytes, linesep: bytes = b"\r\n", executor: Executor | None = None
     ) -> bytes | None:

@@ -17,7 +17,8 @@ from relayd.address import Address
 from relayd.config import Config
 from relayd.policy import dmarc, spf
 from relayd.policy.verdict import Verdict
-from relayd.smtpd import authresults
+from relayd.smtpd import authresults, headers
+from relayd.smtpd.content import Content
 from relayd.smtpd.services import ClientInfo
 
 
@@ -57,17 +58,21 @@ class InboundChecks:
         helo: str,
         sender: Address | None,
         trusted: bool,
-        message: bytes,
+        content: Content,
         state: object,
     ) -> tuple[Verdict, bytes]:
         if not self._applies(client, trusted):
-            return None, message
+            return None, b""
         hostname = self.config.hostname
-        message = authresults.strip_forged(message, hostname)
         spf_result = state.spf if isinstance(state, _State) else None
-        dkim_results = await dkim.verify_async(message, self.sync_resolver, self.config.dns.timeout)
+        if headers.has_header(content.header, "DKIM-Signature"):
+            dkim_results = await dkim.verify_async(
+                content.read(), self.sync_resolver, self.config.dns.timeout
+            )
+        else:  # nothing to verify: the body is never read
+            dkim_results = [dkim.DKIMResult("", "", "none")]
         result = await dmarc.check_dmarc_async(
-            self.async_resolver, dkim.from_domain(message), spf_result, dkim_results
+            self.async_resolver, dkim.from_domain(content.header), spf_result, dkim_results
         )
         verdict = dmarc.dmarc_verdict(result, self.config.dmarc)
         if spf_result is None:
@@ -76,4 +81,4 @@ class InboundChecks:
             # refused, or mail that SPF would have vouched for is lost.
             verdict = None
         value = authresults.authentication_results(hostname, spf_result, dkim_results, result)
-        return verdict, b"Authentication-Results: " + value.encode() + b"\r\n" + message
+        return verdict, b"Authentication-Results: " + value.encode() + b"\r\n"

@@ -19,7 +19,9 @@ from relayd.address import Address
 from relayd.config import Config
 from relayd.metrics import Metrics
 from relayd.policy.verdict import Verdict
+from relayd.smtpd.content import Content
 from relayd.spool.model import Envelope
+from relayd.spool.store import Tail
 
 
 @dataclass(frozen=True)
@@ -45,9 +47,11 @@ class Checks(Protocol):
         helo: str,
         sender: Address | None,
         trusted: bool,
-        message: bytes,
+        content: Content,
         state: object,
-    ) -> tuple[Verdict, bytes]: ...
+    ) -> tuple[Verdict, bytes]:
+        """A refusal, and the header lines (Authentication-Results) to put on top."""
+        ...
 
 
 class NoChecks:
@@ -64,10 +68,10 @@ class NoChecks:
         helo: str,
         sender: Address | None,
         trusted: bool,
-        message: bytes,
+        content: Content,
         state: object,
     ) -> tuple[Verdict, bytes]:
-        return None, message
+        return None, b""
 
 
 class Users(Protocol):
@@ -116,11 +120,14 @@ class Services:
     connections: Connections
     auth_throttle: AuthThrottle
     rate_limiter: RateLimiter
-    enqueue: Callable[[Envelope, bytes], Awaitable[None]]
+    # The message is the bytes, then the rest of a file (a large message) when given.
+    enqueue: Callable[[Envelope, bytes, Tail | None], Awaitable[None]]
     sender_verdict: Callable[[str, str], Verdict]
-    sign: Callable[[bytes], Awaitable[bytes]]
+    # DKIM-Signature field(s) for the header block given, followed by the content's body.
+    sign: Callable[[bytes, Content], Awaitable[bytes]]
     checks: Checks = field(default_factory=NoChecks)
     free_space: Callable[[], int] = lambda: 1 << 62
+    spill_dir: str = ""  # where DATA goes once it is large: the spool's tmp/
     # The daemon's one registry, shared across reloads; a private one counts for nobody.
     metrics: Metrics = field(default_factory=Metrics)
     _free: _FreeSpaceCache | None = None

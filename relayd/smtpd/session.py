@@ -30,9 +30,11 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 from relayd import log
 from relayd.address import Address, AddressError, parse_params, parse_path
 from relayd.config import Listener
+from relayd.policy import identity
 from relayd.policy.acl import may_relay, recipient_verdict
 from relayd.policy.verdict import Refuse
-from relayd.smtpd import dataread, headers
+from relayd.smtpd import authresults, dataread, headers
+from relayd.smtpd.content import Content
 from relayd.smtpd.services import ClientInfo, Services
 from relayd.spool.model import Envelope, Recipient
 from relayd.spool.queueid import new_queue_id
@@ -68,9 +70,12 @@ _DEFAULT_ENHANCED = {
     "555": "5.5.4",
 }
 _DATA_PROBLEMS = {
-    "too_big": "552 5.3.4 Message size exceeds fixed limit",
-    "bare_newline": "554 5.6.0 Message refused: bare CR or LF in DATA (lines must end in CRLF)",
-    "line_too_long": "554 5.6.0 Message refused: line longer than 998 octets",
+    dataread.TOO_BIG: "552 5.3.4 Message size exceeds fixed limit",
+    dataread.BARE_NEWLINE: (
+        "554 5.6.0 Message refused: bare CR or LF in DATA (lines must end in CRLF)"
+    ),
+    dataread.NUL: "554 5.6.0 Message refused: NUL octet in DATA",
+    dataread.LINE_TOO_LONG: "554 5.6.0 Message refused: line longer than 998 octets",
 }
 MAX_HOPS = 50  # Received: headers before a message is taken for a loop (Postfix's default)
 _PROGRAM = {"inbound": "smtpd", "submission": "submission/smtpd"}
@@ -549,6 +554,7 @@ class Session(SMTP):  # type: ignore[misc]
             self._reader,
             self.services.config.limits.max_message_size,
             on_progress=self._reset_timeout,
+            spill_dir=self.services.spill_dir or None,
         )
         try:
             reply = await self._accept(result)
@@ -562,6 +568,8 @@ class Session(SMTP):  # type: ignore[misc]
             )
             reply = "451 4.3.0 Error: local problem, try again later"
         finally:
+            if result.content is not None:
+                result.content.discard()
             self._reset_transaction()
         if reply.startswith("250"):
             self.services.metrics.message_accepted(self.listener.name)
@@ -575,8 +583,10 @@ class Session(SMTP):  # type: ignore[misc]
             self._log_reject("END-OF-MESSAGE", reply, None)
             return reply
         assert self.queue_id is not None and self.session is not None
+        content = result.content
+        assert content is not None
         try:
-            message = await self._prepare(result.message)
+            head = await self._prepare(content)
         except _Refused as refused:
             self._log_reject("END-OF-MESSAGE", refused.reply, None)
             return refused.reply
@@ -592,9 +602,16 @@ class Session(SMTP):  # type: ignore[misc]
         if verdict is not None:
             self._log_reject("END-OF-MESSAGE", verdict.reply(), None)
             return verdict.reply()
-        envelope = self._envelope(message)
+        # The stored message: our head (trace, results, signature, the header
+        # block) and then the rest of what the client sent, from wherever it is.
+        if content.memory is not None:
+            data, tail = head + content.memory[content.body_offset :], None
+        else:
+            assert content.path is not None
+            data, tail = head, (content.path, content.body_offset)
+        envelope = self._envelope(len(head) + content.size - content.body_offset)
         try:
-            await self.services.enqueue(envelope, message)
+            await self.services.enqueue(envelope, data, tail)
         except SpoolError as exc:
             log.event(
                 self.program,
@@ -605,28 +622,42 @@ class Session(SMTP):  # type: ignore[misc]
             return "451 4.3.0 Error: queue file write error"
         return f"250 2.0.0 Ok: queued as {self.queue_id}"
 
-    async def _prepare(self, message: bytes) -> bytes:
-        """Policy on the content, then our headers: trace, Message-ID/Date, DKIM."""
-        if headers.count_received(message) > MAX_HOPS:
-            raise _Refused("554 5.4.6 Too many hops: mail forwarding loop")
+    async def _prepare(self, content: Content) -> bytes:
+        """Policy on the header block, then ours on top: what goes before the body.
+
+        Only the header block is parsed here; checks that need the whole
+        message (DKIM) read it from ``content`` in bounded pieces.
+        """
         services = self.services
+        header = content.header
+        if headers.count_received(header) > MAX_HOPS:
+            raise _Refused("554 5.4.6 Too many hops: mail forwarding loop")
+        # Results claiming to be ours are forged, whoever sends them (RFC 8601 §5).
+        header = authresults.strip_forged(header, services.config.hostname)
+        if self.user is not None:
+            refusal = identity.header_refusal(
+                header, lambda address: services.sender_verdict(self.user or "", address)
+            )
+            if refusal is not None:
+                raise _Refused(refusal.reply())
         submitted = self.user is not None or self._may_relay()
         assert self.session is not None
-        verdict, message = await services.checks.at_data(
+        verdict, results = await services.checks.at_data(
             self.client,
             self.session.host_name or "",
             self.sender,
             submitted,
-            message,
+            content,
             self.check_state,
         )
         if verdict is not None:
             raise _Refused(verdict.reply())
+        signature = b""
         if submitted:
-            message = headers.submission_fixups(message, services.config.hostname)
-            message = await services.sign(message)
+            header = headers.submission_fixups(header, services.config.hostname)
+            signature = await services.sign(header, content)
         # Received-SPF goes above our Received: (RFC 7208 §9.1).
-        return b"".join(self.trace_headers) + self._received() + message
+        return b"".join(self.trace_headers) + self._received() + results + signature + header
 
     def _received(self) -> bytes:
         assert self.session is not None and self.queue_id is not None
@@ -644,14 +675,14 @@ class Session(SMTP):  # type: ignore[misc]
         )
         return headers.received(info)
 
-    def _envelope(self, message: bytes) -> Envelope:
+    def _envelope(self, size: int) -> Envelope:
         assert self.queue_id is not None and self.session is not None
         return Envelope(
             queue_id=self.queue_id,
             sender=str(self.sender) if self.sender else "",
             recipients=[Recipient(address=str(r)) for r in self.recipients],
             arrival_time=time.time(),
-            size=len(message),
+            size=size,
             client_ip=self.client.ip,
             helo=self.session.host_name or "",
             listener=self.listener.name,

@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import itertools
 import json
@@ -89,6 +90,8 @@ from relayd.spool.model import Envelope
 from relayd.spool.queueid import is_queue_id
 
 log = logging.getLogger("relayd.qmgr")
+
+Tail = tuple[str, int]  # a file holding the rest of a message, and where that rest starts
 
 MAGIC = b"RELAYD1"
 _HEADER_MAX = 64  # "RELAYD1 " + two decimal lengths + "\n" always fits
@@ -172,19 +175,40 @@ def decode_header(blob: bytes, file_size: int) -> tuple[Envelope, int]:
 # --- blocking helpers (always run in a worker thread) ------------------------
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
+def _write_all(fd: int, data: bytes | memoryview) -> int:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+    return len(data)
 
 
-def _write_file(path: str, parts: Sequence[bytes]) -> None:
-    """Create ``path``, write ``parts``, fdatasync; on any error unlink it again."""
+def _copy_tail(fd: int, tail: Tail) -> None:
+    """Append the file ``tail`` names, from its offset on, in the kernel where it can."""
+    path, offset = tail
+    src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(src).st_size
+        while offset < size:
+            try:
+                done = os.copy_file_range(src, fd, size - offset, offset)
+            except OSError:  # another file system, or a kernel without it
+                done = _write_all(fd, os.pread(src, min(size - offset, 1 << 20), offset))
+            if done == 0:
+                raise OSError(errno.EIO, f"{path} shrank while being spooled")
+            offset += done
+    finally:
+        os.close(src)
+
+
+def _write_file(path: str, parts: Sequence[bytes], tail: Tail | None = None) -> None:
+    """Create ``path``, write ``parts`` (then ``tail``), fdatasync; on any error unlink it."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
     try:
         try:
             for part in parts:
                 _write_all(fd, part)
+            if tail is not None:
+                _copy_tail(fd, tail)
             os.fdatasync(fd)
         finally:
             os.close(fd)
@@ -472,6 +496,11 @@ class Spool:
                 log.warning("%s: unreadable queue file: %s", qid, e)
         return result
 
+    @property
+    def tmp_dir(self) -> str:
+        """Where files not yet committed live; recovery empties it at start."""
+        return self._tmp
+
     def free_space(self) -> int:
         """Bytes an unprivileged writer may still use on the spool's file system."""
         st = os.statvfs(self.root)
@@ -479,8 +508,12 @@ class Spool:
 
     # -- writing
 
-    async def commit(self, envelope: Envelope, data: bytes) -> None:
+    async def commit(self, envelope: Envelope, data: bytes, tail: Tail | None = None) -> None:
         """Store a new message; durable on return, else SpoolError and nothing left.
+
+        The message is ``data``, followed by the bytes of the file ``tail``
+        names from its offset on: a large message arrives in a file under
+        tmp/ and is copied in the kernel rather than read into memory.
 
         If the caller is cancelled meanwhile (its session died before it could
         answer 250), a message that got committed anyway is removed again so
@@ -489,7 +522,7 @@ class Spool:
         qid = envelope.queue_id
         if not is_queue_id(qid):
             raise ValueError(f"not a queue id: {qid!r}")
-        task = asyncio.ensure_future(self._commit(qid, envelope, data))
+        task = asyncio.ensure_future(self._commit(qid, envelope, data, tail))
         self._track(task)
         try:
             await asyncio.shield(task)
@@ -497,10 +530,15 @@ class Spool:
             task.add_done_callback(functools.partial(self._discard_if_committed, qid))
             raise
 
-    async def _commit(self, qid: str, envelope: Envelope, data: bytes) -> None:
-        head = encode_header(envelope, len(data))
+    async def _commit(
+        self, qid: str, envelope: Envelope, data: bytes, tail: Tail | None
+    ) -> None:
+        size = len(data)
+        if tail is not None:
+            size += os.stat(tail[0]).st_size - tail[1]
+        head = encode_header(envelope, size)
         tmp, dst = os.path.join(self._tmp, qid), self._queue_path(qid)
-        await self._write(tmp, (head, data), qid)
+        await self._write(tmp, (head, data), qid, tail)
         await self._batched(
             _Op(
                 apply=functools.partial(_place_new, tmp, dst),
@@ -566,10 +604,12 @@ class Spool:
             self._syncer = ThreadPoolExecutor(1, "relayd-spool-commit")
         return self._syncer
 
-    async def _write(self, path: str, parts: Sequence[bytes], qid: str) -> None:
+    async def _write(
+        self, path: str, parts: Sequence[bytes], qid: str, tail: Tail | None = None
+    ) -> None:
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._writers_pool(), _write_file, path, parts)
+            await loop.run_in_executor(self._writers_pool(), _write_file, path, parts, tail)
         except OSError as e:
             raise SpoolError(f"{qid}: cannot write to the spool: {e.strerror or e}") from e
         self.stats.file_syncs += 1
