@@ -9,7 +9,6 @@ in docs/performance.md: update them when those internals move.
 - ``sched``: blocked deliveries wait in per-domain lists; a wake-up looks only
   at domains with a free slot.
 - ``nogroup``: no group commit: one link + directory fsync per message.
-- ``lines``: DATA read one line per await (as aiosmtpd does), same checks.
 - ``uvloop``: nothing to patch; the runner puts uvloop on the module path and
   relayd's daemon uses it when importable.
 """
@@ -80,32 +79,7 @@ def _nogroup() -> None:
     store.Spool._run_committer = run_committer  # type: ignore[method-assign]
 
 
-def _lines() -> None:
-    from relayd.smtpd import dataread
-
-    async def read_data(
-        reader: asyncio.StreamReader, max_size: int, on_progress: Any = None
-    ) -> dataread.DataResult:
-        lines = []
-        size = 0
-        while True:
-            line = await reader.readuntil(b"\r\n")
-            if line == b".\r\n":
-                break
-            size += len(line)
-            if size <= max_size:
-                lines.append(line)
-            if on_progress is not None:
-                on_progress()
-        if size > max_size:
-            return dataread.DataResult(b"", size, "too_big")
-        message, problem = dataread.check_and_unstuff(b"".join(lines))
-        return dataread.DataResult(message, size, problem)
-
-    dataread.read_data = read_data  # type: ignore[assignment]
-
-
-PATCHES = {"hold": _hold, "sched": _sched, "nogroup": _nogroup, "lines": _lines, "uvloop": None}
+PATCHES = {"hold": _hold, "sched": _sched, "nogroup": _nogroup, "uvloop": None}
 
 
 def main() -> int:
