@@ -53,7 +53,7 @@ class DataResult:
     problem: str | None = None
 
 
-def line_problem(lines: bytes) -> str | None:
+def line_problem(lines: bytes | bytearray) -> str | None:
     """What is wrong with ``lines`` (whole raw lines, each ending in CRLF), if anything."""
     if b"\0" in lines:
         return NUL
@@ -63,14 +63,14 @@ def line_problem(lines: bytes) -> str | None:
     return None
 
 
-def unstuff(lines: bytes) -> bytes:
+def unstuff(lines: bytes | bytearray) -> bytes | bytearray:
     """Undo dot-stuffing (RFC 5321 §4.5.2) on whole lines that start at a line start."""
     if lines.startswith(b"."):
         lines = lines[1:]
     return lines.replace(b"\r\n.", b"\r\n")
 
 
-def has_long_line(lines: bytes) -> bool:
+def has_long_line(lines: bytes | bytearray) -> bool:
     """A line over 998 octets in ``lines`` (whole lines ending in CRLF, no bare CR/LF).
 
     Linear and allocation-free: a line of 999 octets or more must contain a
@@ -102,7 +102,7 @@ class _Sink:
         self.head = bytearray()  # the first MAX_HEADER octets, where the header block is
         self._head_done = False
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray) -> None:
         self.size += len(data)
         if not self._head_done:
             self._probe_header(data)
@@ -113,14 +113,20 @@ class _Sink:
         else:
             _write_all(self.fd, data)
 
-    def _probe_header(self, data: bytes) -> None:
-        searched = max(0, len(self.head) - 3)
-        self.head += data[: MAX_HEADER + 4 - len(self.head)]
-        if (
-            self.head.startswith(b"\r\n")
-            or self.head.find(b"\r\n\r\n", searched) >= 0
-            or len(self.head) > MAX_HEADER
-        ):
+    def _probe_header(self, data: bytes | bytearray) -> None:
+        """Keep the header lines, and no more: ``data`` is whole lines following whole lines."""
+        room = MAX_HEADER + 2 - len(self.head)
+        if data.startswith(b"\r\n"):  # an empty line first: the block ended before
+            end = 0
+        else:
+            found = data.find(b"\r\n\r\n", 0, room + 2)
+            end = found + 2 if found >= 0 else -1
+        if end >= 0:
+            self.head += data[:end]
+            self._head_done = True
+            return
+        self.head += data[:room]
+        if len(self.head) > MAX_HEADER:
             self._head_done = True
 
     def _spill(self) -> None:
@@ -170,11 +176,10 @@ class _Reader:
             return
         if self.raw > self.max_size:
             return self._refuse(TOO_BIG)
-        data = bytes(raw)
-        problem = line_problem(data)
+        problem = line_problem(raw)
         if problem is not None:
             return self._refuse(problem)
-        data = unstuff(data)
+        data = unstuff(raw)
         if has_long_line(data):
             return self._refuse(LINE_TOO_LONG)
         self.sink.write(data)

@@ -605,7 +605,8 @@ class Session(SMTP):  # type: ignore[misc]
         # The stored message: our head (trace, results, signature, the header
         # block) and then the rest of what the client sent, from wherever it is.
         if content.memory is not None:
-            data, tail = head + content.memory[content.body_offset :], None
+            rest = memoryview(content.memory)[content.body_offset :]
+            data, tail = b"".join((head, rest)), None
         else:
             assert content.path is not None
             data, tail = head, (content.path, content.body_offset)
