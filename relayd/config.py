@@ -95,6 +95,13 @@ class ControlConfig:
 
 
 @dataclass(frozen=True)
+class LocalConfig:
+    """The sendmail socket (SPEC §9): local programs hand mail to the daemon here."""
+
+    socket: Path | None = Path("/run/relayd/sendmail.sock")  # None (``""``): no socket
+
+
+@dataclass(frozen=True)
 class RelayConfig:
     domains: tuple[str, ...] = ()
     networks: tuple[IPNetwork, ...] = (
@@ -204,6 +211,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
     routes: tuple[Route, ...] = ()
     limits: Limits = field(default_factory=Limits)
@@ -259,6 +267,7 @@ SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
     "[[route]]": ("domain", "via", "username", "password_file", "tls", "tls_verify", "ca_file"),
     "[dns]": ("nameservers", "timeout"),
     "[control]": ("socket", "group"),
+    "[local]": ("socket",),
     "[logging]": ("level", "target"),
     "[metrics]": ("address",),
     "[server]": ("processes",),
@@ -281,6 +290,7 @@ _SECTIONS: Final[Mapping[str, Literal["table", "array"]]] = {
     "route": "array",
     "dns": "table",
     "control": "table",
+    "local": "table",
     "logging": "table",
     "metrics": "table",
     "server": "table",
@@ -1309,6 +1319,17 @@ def _read_control(loader: _Loader) -> ControlConfig:
     )
 
 
+def _read_local(loader: _Loader) -> LocalConfig:
+    section = loader.section("local")
+    section.check_unknown()
+    path = loader.path()
+
+    def socket_or_off(value: object) -> Path | None:
+        return None if value == "" else path(value)
+
+    return LocalConfig(socket=section.get("socket", socket_or_off, LocalConfig().socket))
+
+
 def _read_logging(loader: _Loader) -> LoggingConfig:
     section = loader.section("logging")
     section.check_unknown()
@@ -1414,6 +1435,7 @@ def _build(loader: _Loader) -> Config:
         routes=_read_routes(loader),
         dns=_read_dns(loader),
         control=_read_control(loader),
+        local=_read_local(loader),
         logging=_read_logging(loader),
         metrics=_read_metrics(loader),
         server=_read_server(loader),

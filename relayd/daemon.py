@@ -25,6 +25,7 @@ from relayd.acceptor import AcceptorPool, worker_count
 from relayd.config import Config, ConfigError, check_files, load_config
 from relayd.control.server import ControlServer
 from relayd.delivery.agent import DeliveryAgent
+from relayd.local.server import LocalSubmission
 from relayd.metrics import Metrics, MetricsServer
 from relayd.policy import ratelimit, sender
 from relayd.policy.verdict import Verdict
@@ -68,6 +69,7 @@ class Daemon:
         self.services = self._services(config)
         self.listeners = Listeners(lambda: self.services)
         self.control = ControlServer(self)
+        self.local = LocalSubmission(lambda: self.services)
         self.acceptors = AcceptorPool(config.source, self._announced, self._rescan)
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
@@ -121,6 +123,7 @@ class Daemon:
         await self.listeners.apply(self.config.listeners, systemd.listen_fds())
         await self.acceptors.start(worker_count(self.config), self.listeners.fds())
         await self.control.start(self.config.control)
+        await self.local.start(self.config.local.socket)
         await self.metrics_server.start(self.config.metrics.address)  # read at start only
         for sig, handler in (
             (signal.SIGTERM, self._stop.set),
@@ -151,6 +154,7 @@ class Daemon:
         await self.scheduler.stop(DRAIN_TIMEOUT)
         await self.agent.close()
         await self.control.stop()
+        await self.local.stop()
         await self.metrics_server.stop()
         for task in tasks:
             task.cancel()
@@ -209,6 +213,7 @@ class Daemon:
             ("[spool] path", old.spool.path, config.spool.path),
             ("[control] socket", old.control.socket, config.control.socket),
             ("[control] group", old.control.group, config.control.group),
+            ("[local] socket", old.local.socket, config.local.socket),
             ("[metrics] address", old.metrics.address, config.metrics.address),
         ):
             if before != after:

@@ -57,6 +57,9 @@ path = "spool"
 [control]
 socket = "run/control.sock"
 
+[local]
+socket = "run/sendmail.sock"
+
 [logging]
 target = "stderr"
 

@@ -6,7 +6,8 @@
 #
 # What it does: a virtualenv in /opt/relayd/venv with relayd installed into
 # it (so relayd's dependencies never mix with the system's Python), links
-# PREFIX/bin/relayd and PREFIX/bin/relayctl to it, the systemd units, the
+# PREFIX/bin/relayd, relayctl and relayd-sendmail to it (and /usr/sbin/sendmail
+# and /usr/bin/mailq when no other MTA owns them), the systemd units, the
 # sysusers.d/tmpfiles.d entries, the relayd user, the spool and /etc/relayd,
 # and /etc/relayd.toml from etc/relayd.toml unless that file already exists.
 # Running it again upgrades relayd in place and keeps the config.
@@ -95,9 +96,27 @@ install_venv() {
 
 install_links() {
     mkdir -p "$DESTDIR$PREFIX/bin"
-    for cmd in relayd relayctl; do
+    for cmd in relayd relayctl relayd-sendmail; do
         ln -sfn "$VENV/bin/$cmd" "$DESTDIR$PREFIX/bin/$cmd"
         say "linked $PREFIX/bin/$cmd -> $VENV/bin/$cmd"
+    done
+}
+
+# /usr/sbin/sendmail and /usr/bin/mailq, unless another MTA owns them: its
+# package would fight over the files, and it may be the operator's choice.
+install_mta_links() {
+    for path in /usr/sbin/sendmail /usr/bin/mailq; do
+        target=$(readlink "$DESTDIR$path" 2>/dev/null || true)
+        if [ -e "$DESTDIR$path" ] || [ -L "$DESTDIR$path" ]; then
+            if [ "$target" != "$VENV/bin/relayd-sendmail" ]; then
+                say "kept $path: it belongs to another MTA (${target:-a file});" \
+                    "relayd's is $PREFIX/bin/relayd-sendmail"
+                continue
+            fi
+        fi
+        mkdir -p "$DESTDIR$(dirname "$path")"
+        ln -sfn "$VENV/bin/relayd-sendmail" "$DESTDIR$path"
+        say "linked $path -> $VENV/bin/relayd-sendmail"
     done
 }
 
@@ -187,6 +206,7 @@ main() {
     [ -z "$DESTDIR" ] || say "staging into DESTDIR=$DESTDIR; the running system is not changed"
     install_venv
     install_links
+    install_mta_links
     install_units
     create_user
     make_dirs

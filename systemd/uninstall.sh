@@ -5,7 +5,8 @@
 #   DESTDIR=/tmp/stage sh systemd/uninstall.sh
 #
 # Removed: the units (stopped and disabled first), the sysusers.d and
-# tmpfiles.d entries, the PREFIX/bin links and the /opt/relayd virtualenv.
+# tmpfiles.d entries, the PREFIX/bin links, /usr/sbin/sendmail and /usr/bin/mailq
+# when they are relayd's, and the /opt/relayd virtualenv.
 # Kept, so that mail and settings survive a reinstall: the queue in
 # /var/spool/relayd, /etc/relayd.toml, /etc/relayd/ (users, TLS, DKIM keys)
 # and the relayd user that owns the spool.
@@ -63,15 +64,22 @@ remove_files() {
 
 # Only links that point into our venv: never delete another program.
 remove_links() {
-    for cmd in relayd relayctl; do
-        link=$DESTDIR$PREFIX/bin/$cmd
-        if [ -L "$link" ] && [ "$(readlink "$link")" = "$VENV/bin/$cmd" ]; then
-            rm -f "$link"
-            say "removed $PREFIX/bin/$cmd"
-        elif [ -e "$link" ] || [ -L "$link" ]; then
-            say "left $PREFIX/bin/$cmd alone: it is not a link to $VENV/bin/$cmd"
-        fi
+    for cmd in relayd relayctl relayd-sendmail; do
+        remove_link "$PREFIX/bin/$cmd" "$VENV/bin/$cmd"
     done
+    remove_link /usr/sbin/sendmail "$VENV/bin/relayd-sendmail"
+    remove_link /usr/bin/mailq "$VENV/bin/relayd-sendmail"
+}
+
+# remove_link PATH TARGET -- only when PATH is our link to TARGET.
+remove_link() {
+    link=$DESTDIR$1
+    if [ -L "$link" ] && [ "$(readlink "$link")" = "$2" ]; then
+        rm -f "$link"
+        say "removed $1"
+    elif [ -e "$link" ] || [ -L "$link" ]; then
+        say "left $1 alone: it is not a link to $2"
+    fi
 }
 
 remove_venv() {

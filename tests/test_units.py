@@ -105,7 +105,7 @@ def test_service_contract() -> None:
         "WatchdogSec": "30",
         "ReadWritePaths": "/var/spool/relayd",
         "RuntimeDirectory": "relayd",
-        "RuntimeDirectoryMode": "0750",
+        "RuntimeDirectoryMode": "0755",
         "UMask": "0077",
         "AmbientCapabilities": "CAP_NET_BIND_SERVICE",
         "CapabilityBoundingSet": "CAP_NET_BIND_SERVICE",
@@ -333,10 +333,13 @@ def test_install_stages_units_links_and_config(staged: Staged) -> None:
         assert (root / "etc/systemd/system" / name).read_bytes() == (UNITS / name).read_bytes()
     assert (root / "usr/lib/sysusers.d/relayd.conf").is_file()
     assert (root / "usr/lib/tmpfiles.d/relayd.conf").is_file()
-    for cmd in ("relayd", "relayctl"):
+    for cmd in ("relayd", "relayctl", "relayd-sendmail"):
         link = root / "usr/local/bin" / cmd
         assert os.readlink(link) == f"{VENV}/bin/{cmd}"
         assert (root / VENV.lstrip("/") / "bin" / cmd).is_file()
+    # No other MTA in a fresh root: sendmail and mailq are relayd's.
+    for path in ("usr/sbin/sendmail", "usr/bin/mailq"):
+        assert os.readlink(root / path) == f"{VENV}/bin/relayd-sendmail"
     config = root / "etc/relayd.toml"
     assert config.read_bytes() == (staged.source / "etc/relayd.toml").read_bytes()
     assert config.stat().st_mode & 0o777 == 0o640
@@ -372,7 +375,12 @@ def test_reinstall_keeps_the_config(staged: Staged, wheelhouse: Path, tmp_path: 
     root = _copy_root(staged, tmp_path)
     config = root / "etc/relayd.toml"
     config.write_text('hostname = "edited.example.com"\n')
+    (root / "usr/sbin/sendmail").unlink()
+    (root / "usr/sbin/sendmail").write_text("another MTA's sendmail")
     result = _script("install.sh", staged.source, root, wheelhouse, prefix="/usr")
+    assert (root / "usr/sbin/sendmail").read_text() == "another MTA's sendmail"
+    assert "kept /usr/sbin/sendmail: it belongs to another MTA" in result.stdout
+    assert os.readlink(root / "usr/bin/mailq") == f"{VENV}/bin/relayd-sendmail"
     assert config.read_text() == 'hostname = "edited.example.com"\n'
     assert "keeping the existing /etc/relayd.toml" in result.stdout
     assert os.readlink(root / "usr/bin/relayd") == f"{VENV}/bin/relayd"
@@ -391,6 +399,7 @@ def test_uninstall_keeps_spool_and_config(staged: Staged, tmp_path: Path) -> Non
     assert not (root / "usr/lib/sysusers.d/relayd.conf").exists()
     assert not (root / "usr/lib/tmpfiles.d/relayd.conf").exists()
     assert not (root / "usr/local/bin/relayd").is_symlink()
+    assert not (root / "usr/sbin/sendmail").is_symlink()
     assert not (root / "opt/relayd").exists()
     # Kept: the queue, the config, and a relayctl that is not ours.
     assert queued.read_text() == "still to deliver"

@@ -163,8 +163,9 @@ class _Sink:
 class _Reader:
     """The state of one DATA section being read."""
 
-    def __init__(self, max_size: int, spill_dir: str) -> None:
+    def __init__(self, max_size: int, spill_dir: str, stuffed: bool = True) -> None:
         self.max_size = max_size
+        self.stuffed = stuffed
         self.sink = _Sink(spill_dir)
         self.raw = 0  # octets of DATA consumed so far, as sent (stuffed)
         self.problem: str | None = None
@@ -175,22 +176,22 @@ class _Reader:
         if self.problem is not None:
             return
         if self.raw > self.max_size:
-            return self._refuse(TOO_BIG)
+            return self.refuse(TOO_BIG)
         problem = line_problem(raw)
         if problem is not None:
-            return self._refuse(problem)
-        data = unstuff(raw)
+            return self.refuse(problem)
+        data = unstuff(raw) if self.stuffed else raw
         if has_long_line(data):
-            return self._refuse(LINE_TOO_LONG)
+            return self.refuse(LINE_TOO_LONG)
         self.sink.write(data)
 
     def drop(self, count: int) -> None:
         """``count`` octets of an overlong line went by unseen."""
         self.raw += count
         if self.problem is None:
-            self._refuse(TOO_BIG if self.raw > self.max_size else LINE_TOO_LONG)
+            self.refuse(TOO_BIG if self.raw > self.max_size else LINE_TOO_LONG)
 
-    def _refuse(self, problem: str) -> None:
+    def refuse(self, problem: str) -> None:
         self.problem = problem
         self.sink.abort()
 
@@ -246,6 +247,42 @@ async def read_data(
             if on_progress is not None:
                 on_progress()
             pending += chunk
+    except BaseException:
+        state.sink.abort()
+        raise
+
+
+async def read_sized(
+    reader: asyncio.StreamReader, size: int, max_size: int, spill_dir: str | None = None
+) -> DataResult:
+    """Read a message of exactly ``size`` octets (no dot-stuffing), checked like DATA.
+
+    For local submission, where the length is announced up front. The
+    message must end in CRLF; it is refused like DATA for the same faults.
+    """
+    state = _Reader(max_size, spill_dir or tempfile.gettempdir(), stuffed=False)
+    if size > max_size:
+        state.drop(size)
+        return state.result()
+    pending = bytearray()
+    left = size
+    try:
+        while left > 0:
+            chunk = await reader.read(min(CHUNK, left))
+            if not chunk:
+                raise ConnectionResetError("connection closed during the message")
+            left -= len(chunk)
+            pending += chunk
+            cut = pending.rfind(b"\r\n")
+            if cut >= 0:
+                state.lines(pending[: cut + 2])
+                del pending[: cut + 2]
+            if len(pending) > _MAX_PARTIAL:
+                state.drop(len(pending))
+                pending.clear()
+        if pending and state.problem is None:  # the last line has no CRLF
+            state.refuse(BARE_NEWLINE)
+        return state.result()
     except BaseException:
         state.sink.abort()
         raise

@@ -97,6 +97,7 @@ class Relayd:
         parts.append(f'[auth]\nusers_file = "{self.users_file}"\n{self.auth}\n')
         parts.append(f'[spool]\npath = "{self.spool}"\nmin_free_space = "1MB"\n')
         parts.append(f'[control]\nsocket = "{self.root / "control.sock"}"\n')
+        parts.append(f'[local]\nsocket = "{self.root / "sendmail.sock"}"\n')
         parts.append('[logging]\ntarget = "stderr"\nlevel = "info"\n')
         parts.append(f'[dns]\nnameservers = ["{self.dns_address}"]\ntimeout = "2s"\n')
         if self.hold_delivery:

@@ -1,0 +1,1 @@
+"""Local submission: the sendmail socket and what serves it."""
