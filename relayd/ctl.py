@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from relayd import __version__
+from relayd import __version__, ctl_admin
 from relayd.cli import config_path
 from relayd.config import (
     AuthConfig,
@@ -211,6 +211,7 @@ def message_json(env: Envelope) -> dict[str, Any]:
     return {
         "queue_id": env.queue_id,
         "state": env.state,
+        "queue_name": _QUEUE_NAME[env.state],  # postqueue -j's own word for it
         "arrival_time": int(env.arrival_time),
         "message_size": env.size,
         "sender": env.sender,
@@ -221,6 +222,8 @@ def message_json(env: Envelope) -> dict[str, Any]:
         ],
     }
 
+
+_QUEUE_NAME = {"active": "active", "deferred": "deferred", "held": "hold"}
 
 _COLUMNS = (
     ("QUEUE-ID", "<"),
@@ -424,6 +427,7 @@ _DONE = {
     "delete": "deleted",
     "hold": "placed on hold",
     "release": "released from hold",
+    "bounce": "returned to the sender",
 }
 
 
@@ -431,8 +435,20 @@ def cmd_queue_change(args: argparse.Namespace, config: Config) -> int:
     action: str = args.action
     everything = bool(getattr(args, "all", False))
     ids, from_stdin = _ids(args)
+    domain = getattr(args, "domain", None)
     if everything and ids:
-        raise UsageError("relayctl queue delete: give queue ids or --all, not both")
+        raise UsageError(f"relayctl queue {action}: give queue ids or --all, not both")
+    if domain and ids:
+        raise UsageError("relayctl queue flush: give queue ids or --domain, not both")
+    if domain:
+        reply = request(config, action, ids=[], domain=domain.lower().rstrip("."))
+        if not reply.get("ok"):
+            raise Failed(str(reply.get("error") or f"{action} failed"))
+        done = int(reply.get("done") or 0)
+        plural = "s" if done != 1 else ""
+        print(json.dumps(reply) if args.json else f"relayd: {done} message{plural} for {domain} "
+              f"{_DONE[action]}")
+        return EXIT_OK
     if not ids and not everything:
         if from_stdin:
             # An empty selection from a pipeline: nothing to do, as with postsuper.
@@ -441,10 +457,10 @@ def cmd_queue_change(args: argparse.Namespace, config: Config) -> int:
         if action != "flush":
             raise UsageError(
                 f"relayctl queue {action}: give one or more queue ids, - to read them from stdin"
-                + (", or --all" if action == "delete" else "")
+                + (", or --all" if action in _TAKES_ALL else "")
             )
     replies: list[dict[str, Any]] = []
-    if everything or not ids:  # delete --all, or flush everything deferred
+    if everything or not ids:  # --all, or flush everything deferred
         replies.append(request(config, action, ids=[], **({"all": True} if everything else {})))
     else:
         for batch in _batches(ids):
@@ -503,6 +519,8 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
         "queue:       "
         + ", ".join(f"{queue.get(s, 0)} {s}" for s in ("active", "deferred", "held"))
     )
+    if reply.get("paused"):
+        print("delivery:    PAUSED (relayctl delivery resume)")
     print(
         f"since start: {reply.get('accepted', 0)} accepted, {reply.get('delivered', 0)} delivered, "
         f"{reply.get('deferred', 0)} deferred, {reply.get('bounced', 0)} bounced"
@@ -590,16 +608,19 @@ def _print_users(listing: list[Any], as_json: bool) -> None:
         print(f"{u.name:<{width}}  {', '.join(owned + list(u.allow_from)) or '-'}")
 
 
+def dkim_key_path(config: Config, domain: str, selector: str) -> tuple[Path, bool]:
+    """Where the key for ``domain``/``selector`` is: as configured, else keygen's default."""
+    for key in config.dkim.keys:
+        if key.domain == domain and key.selector == selector:
+            return key.key_file, True
+    return config.auth.users_file.parent / "dkim" / f"{domain}.{selector}.key", False
+
+
 def cmd_dkim_keygen(args: argparse.Namespace, config: Config) -> int:
     from relayd import dkim
 
     domain, selector = args.domain.lower().rstrip("."), args.selector
-    configured = [k for k in config.dkim.keys if k.domain == domain and k.selector == selector]
-    path = (
-        configured[0].key_file
-        if configured
-        else (config.auth.users_file.parent / "dkim" / f"{domain}.{selector}.key")
-    )
+    path, configured = dkim_key_path(config, domain, selector)
     try:
         path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
         record = dkim.keygen(
@@ -666,7 +687,12 @@ def build_parser() -> argparse.ArgumentParser:
     kg.add_argument("--type", choices=["rsa", "ed25519"], default="rsa")
     kg.add_argument("--bits", type=int, default=2048)
     kg.add_argument("--force", action="store_true", help="overwrite an existing key")
+    ctl_admin.add_dkim_parsers(dks, common)
+    ctl_admin.add_parsers(sub, common)
     return p
+
+
+_TAKES_ALL = ("delete", "hold", "release")
 
 
 def _queue_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -681,11 +707,14 @@ def _queue_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         ("delete", "remove from the queue without a bounce"),
         ("hold", "keep from delivery"),
         ("release", "put held messages back"),
+        ("bounce", "fail now, with a bounce to the sender"),
     ):
         a = qs.add_parser(action, parents=[common], help=text)
         a.add_argument("ids", nargs="*", metavar="ID", help="queue ids; - reads them from stdin")
-        if action == "delete":
+        if action in _TAKES_ALL:
             a.add_argument("--all", action="store_true", help="every queued message")
+        if action == "flush":
+            a.add_argument("--domain", help="only messages with recipients at this domain")
 
 
 def _user_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -706,6 +735,7 @@ def _user_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     rm = us.add_parser("del", parents=[common], help="delete a user")
     rm.add_argument("name")
     us.add_parser("list", parents=[common], help="list users")
+    ctl_admin.add_user_parsers(us, common)
 
 
 def dispatch(args: argparse.Namespace, config: Config) -> int:
@@ -722,7 +752,15 @@ def dispatch(args: argparse.Namespace, config: Config) -> int:
     if args.command == "reload":
         return cmd_reload(args, config)
     if args.command == "user":
+        if args.user_action == "test":
+            return ctl_admin.cmd_user_test(args, config)
         return cmd_user(args, config)
+    if args.command == "delivery":
+        return ctl_admin.cmd_delivery(args, config)
+    if args.command == "config":
+        return ctl_admin.cmd_config(args, config)
+    if args.dkim_action == "show":
+        return ctl_admin.cmd_dkim_show(args, config)
     return cmd_dkim_keygen(args, config)
 
 

@@ -61,6 +61,7 @@ EXPIRED_DSN = bounce.EXPIRED_DSN
 INTERRUPTED_DSN = "4.3.2"
 LOCAL_ERROR_DSN = "4.3.0"
 TIMEOUT_DSN = "4.4.2"
+RETURNED_DSN = "5.0.0"  # relayctl queue bounce
 
 _STATUS_WORD = {"sent": "sent", "deferred": "deferred", "failed": "bounced"}
 _STAT_KEY = {"sent": "delivered", "deferred": "deferred", "failed": "bounced"}
@@ -137,6 +138,8 @@ class Scheduler:
         self._stats: Counter[str] = Counter()
         self._wake = asyncio.Event()
         self._stopping = False
+        self._paused = False
+        self._bouncing: set[str] = set()  # returned by the operator at their next attempt
 
     # ---- feeding it ---------------------------------------------------------
 
@@ -179,13 +182,61 @@ class Scheduler:
         is written; a crash before it only means the old retry time.
         """
         unknown, found = self._resolve(ids)
+        self._make_due(found)
+        return unknown
+
+    def flush_domain(self, domain: str) -> int:
+        """Make due now the messages with recipients still open at ``domain``; how many."""
+        found = [
+            env
+            for env in self._envelopes.values()
+            if env.queue_id not in self._deleted and domain in _domains(env)
+        ]
+        return self._make_due(found)
+
+    def _make_due(self, found: list[Envelope]) -> int:
         now = self._clock()
+        count = 0
         for env in found:
             if not env.held and env.queue_id not in self._tasks and env.next_attempt > now:
                 env.next_attempt = now
                 self._push(env)
+                count += 1
+        self._wake.set()
+        return count
+
+    def bounce(self, ids: list[str]) -> list[str]:
+        """Fail every open recipient now, with a bounce to the sender; returns unknown ids.
+
+        The message goes through an attempt of its own (held ones are released
+        for it), so the bounce, the log lines and the removal are the usual ones.
+        """
+        unknown, found = self._resolve(ids)
+        for env in found:
+            self._bouncing.add(env.queue_id)
+            event("qmgr", "returned to sender by the operator", queue_id=env.queue_id)
+            if env.held:
+                env.held = False
+            env.next_attempt = min(env.next_attempt, self._clock())
+            self._push(env)
         self._wake.set()
         return unknown
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def pause(self) -> None:
+        """No new delivery attempts until resume(); mail is still accepted and queued."""
+        if not self._paused:
+            self._paused = True
+            event("qmgr", "delivery paused by the operator")
+
+    def resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            event("qmgr", "delivery resumed by the operator")
+            self._wake.set()
 
     def hold(self, ids: list[str]) -> list[str]:
         """Keep messages from delivery until released; returns the unknown ids."""
@@ -308,6 +359,8 @@ class Scheduler:
 
     def _dispatch_due(self) -> None:
         """Start every due message that fits under the caps, in due order."""
+        if self._paused:
+            return
         now = self._clock()
         due, self._blocked = self._blocked, []
         while self._heap and self._heap[0][0] <= now:
@@ -381,6 +434,10 @@ class Scheduler:
         """The message and the agent's attempts; None for attempts interrupted by stop()."""
         if not recipients:
             return b"", []
+        if env.queue_id in self._bouncing:
+            self._bouncing.discard(env.queue_id)
+            data = await asyncio.to_thread(self._spool.read_data, env.queue_id)
+            return data, [self._returned(recipients)]
         try:
             data = await asyncio.wait_for(
                 asyncio.to_thread(self._spool.read_data, env.queue_id), SPOOL_TIMEOUT
@@ -423,6 +480,11 @@ class Scheduler:
             return self._attempt_timeout
         d = self._config.delivery
         return d.connect_timeout + 12 * d.command_timeout
+
+    def _returned(self, recipients: list[str]) -> Attempt:
+        attempt = self._local(recipients, RETURNED_DSN, "message returned by the operator")
+        attempt.status = "failed"
+        return attempt
 
     def _local(self, recipients: list[str], dsn: str, reply: str) -> Attempt:
         return Attempt(

@@ -36,6 +36,7 @@ PASSWORD = "correct horse battery"
 MESSAGE_KEYS = {
     "queue_id",
     "state",
+    "queue_name",  # postqueue -j: active, deferred, hold
     "arrival_time",
     "message_size",
     "sender",

@@ -29,7 +29,7 @@ from relayd.config import ControlConfig
 if TYPE_CHECKING:
     from relayd.daemon import Daemon
 
-MUTATING = {"flush", "delete", "hold", "release", "reload"}
+MUTATING = {"flush", "delete", "hold", "release", "bounce", "reload", "pause", "resume"}
 # Commands that need the same rights as changes: "show" hands out message contents.
 PRIVILEGED = MUTATING | {"show"}
 SHOW_TIMEOUT = 60.0  # reading one message from the spool
@@ -154,20 +154,42 @@ class ControlServer:
         }
 
     async def _cmd_flush(self, ids: list[str], request: dict[str, Any]) -> dict[str, Any]:
+        domain = request.get("domain")
+        if isinstance(domain, str) and domain:
+            return {"ok": True, "done": self.daemon.scheduler.flush_domain(domain)}
         unknown = self.daemon.scheduler.flush(ids or None)
         return _unknown_reply(unknown)
 
-    async def _cmd_delete(self, ids: list[str], request: dict[str, Any]) -> dict[str, Any]:
+    async def _cmd_bounce(self, ids: list[str], request: dict[str, Any]) -> dict[str, Any]:
+        return _unknown_reply(self.daemon.scheduler.bounce(ids), done=len(ids))
+
+    async def _cmd_pause(self, ids: list[str], request: dict[str, Any]) -> dict[str, Any]:
+        self.daemon.scheduler.pause()
+        return {"ok": True, "paused": True}
+
+    async def _cmd_resume(self, ids: list[str], request: dict[str, Any]) -> dict[str, Any]:
+        self.daemon.scheduler.resume()
+        return {"ok": True, "paused": False}
+
+    def _all_or(self, ids: list[str], request: dict[str, Any]) -> list[str]:
         if request.get("all"):
-            ids = [e.queue_id for e in self.daemon.scheduler.snapshot()]
+            return [e.queue_id for e in self.daemon.scheduler.snapshot()]
+        return ids
+
+    async def _cmd_delete(self, ids: list[str], request: dict[str, Any]) -> dict[str, Any]:
+        ids = self._all_or(ids, request)
         unknown = await _maybe_await(self.daemon.scheduler.delete(ids))
         return _unknown_reply(unknown, done=len(ids) - len(unknown))
 
     async def _cmd_hold(self, ids: list[str], request: dict[str, Any]) -> dict[str, Any]:
-        return _unknown_reply(await _maybe_await(self.daemon.scheduler.hold(ids)))
+        ids = self._all_or(ids, request)
+        unknown = await _maybe_await(self.daemon.scheduler.hold(ids))
+        return _unknown_reply(unknown, done=len(ids) - len(unknown))
 
     async def _cmd_release(self, ids: list[str], request: dict[str, Any]) -> dict[str, Any]:
-        return _unknown_reply(await _maybe_await(self.daemon.scheduler.release(ids)))
+        ids = self._all_or(ids, request)
+        unknown = await _maybe_await(self.daemon.scheduler.release(ids))
+        return _unknown_reply(unknown, done=len(ids) - len(unknown))
 
     async def _cmd_reload(self, ids: list[str], request: dict[str, Any]) -> dict[str, Any]:
         problem = await self.daemon.reload()
@@ -192,6 +214,7 @@ class ControlServer:
             "bounced": getattr(stats, "bounced", 0),
             "deferred": getattr(stats, "deferred", 0),
             "sessions": d.listeners.active_sessions,
+            "paused": d.scheduler.paused,
             "config": str(d.config.source),
         }
 
