@@ -31,9 +31,25 @@ def load_checked(path: Path) -> tuple[Config | None, list[str], list[str]]:
     try:
         config = load_config(path)
     except ConfigError as exc:
-        return None, exc.problems, []
+        if exc.partial is None:  # not even TOML: nothing more to look at
+            return None, exc.problems, []
+        file_errors, file_warnings = check_files(exc.partial)
+        return None, _merged(exc.problems, file_errors), file_warnings
     errors, warnings = check_files(config)
     return config, errors, list(config.warnings) + warnings
+
+
+def _merged(*groups: list[str]) -> list[str]:
+    """Problem lines of several checks in file order (by line number), each once."""
+    lines = list(dict.fromkeys(line for group in groups for line in group))
+    return sorted(lines, key=_line_number)
+
+
+def _line_number(problem: str) -> int:
+    # "relayd: PATH:LINE: ..." -- the path may itself hold colons, the line does not.
+    head = problem.split(": ", 2)[1] if problem.count(": ") >= 2 else ""
+    number = head.rpartition(":")[2]
+    return int(number) if number.isdigit() else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,12 +40,19 @@ LogTarget = Literal["auto", "journald", "stderr"]
 DEFAULT_PATH = Path("/etc/relayd.toml")
 
 
+EXAMPLE_HOSTNAME = "mail.example.com"
+
+
 class ConfigError(Exception):
     """All the problems found in one config file, each a ready-to-print line."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[str], partial: Config | None = None) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+        # What could be read around the problems (defaults in their place), so
+        # that --check-config can still look at the files it names: one run
+        # lists every problem.
+        self.partial = partial
 
 
 @dataclass(frozen=True)
@@ -997,7 +1004,14 @@ def _not_a_table(report: _Report, key: str, value: object) -> None:
 
 def _read_hostname(loader: _Loader) -> str:
     top = _Section(loader.report, (), loader.data)
-    return top.require("hostname", _hostname, '"mail.example.com"') or "invalid"
+    hostname = top.require("hostname", _hostname, '"mail.example.com"') or "invalid"
+    if hostname == EXAMPLE_HOSTNAME:
+        top.warn(
+            "hostname",
+            f'still the example "{EXAMPLE_HOSTNAME}": set it to this server\'s public name '
+            "(the name its reverse DNS gives), or receivers will distrust its mail",
+        )
+    return hostname
 
 
 # A listener with the section it came from, so cross-checks can point at it.
@@ -1411,7 +1425,7 @@ def load_config(path: Path) -> Config:
     report = _Report(path, LineMap.scan(text))
     config = _build(_Loader(report, data, path.absolute().parent))
     if report.errors:
-        raise ConfigError(report.error_lines())
+        raise ConfigError(report.error_lines(), partial=config)
     return config
 
 
@@ -1464,7 +1478,8 @@ def check_files(config: Config) -> tuple[list[str], list[str]]:
     _check_tls_files(report, config.tls)
     _check_users_file(report, config.auth.users_file)
     for index, key in enumerate(config.dkim.keys):
-        _check_dkim_key(report, ("dkim", "key", index), key.key_file)
+        fix = f"create it with: relayctl dkim keygen {key.domain} {key.selector}"
+        _check_dkim_key(report, ("dkim", "key", index), key.key_file, fix)
     for index, route in enumerate(config.routes):
         _check_route_files(report, ("route", index), route)
     _check_control_group(report, config.control.group)
@@ -1495,17 +1510,31 @@ def _rescan(source: Path) -> LineMap:
         return LineMap()
 
 
-def _read_named_file(report: _Report, table: TablePath, key: str, path: Path) -> bytes | None:
+def _read_named_file(
+    report: _Report, table: TablePath, key: str, path: Path, fix: str = ""
+) -> bytes | None:
+    """The file's bytes, or an error that says what to do when it is missing."""
     try:
         return path.read_bytes()
+    except FileNotFoundError as error:
+        hint = f"; {fix}" if fix else ""
+        report.error(table, key, f"cannot read {_quote(path)}: {error.strerror}{hint}")
     except OSError as error:
         report.error(table, key, f"cannot read {_quote(path)}: {error.strerror or error}")
-        return None
+    return None
+
+
+_TLS_FIX = (
+    "put the certificate chain and key there (docs/install.md: a certbot deploy hook "
+    "copies them), or for a test make a self-signed pair with openssl req -x509"
+)
 
 
 def _check_tls_files(report: _Report, tls: TLSConfig) -> None:
     cert_ok = tls.cert is not None and _check_certificate(report, tls.cert)
-    key_ok = tls.key is not None and _check_private_key(report, ("tls",), "key", tls.key)
+    key_ok = tls.key is not None and (
+        _load_private_key(report, ("tls",), "key", tls.key, _TLS_FIX) is not None
+    )
     if tls.cert is not None and tls.key is not None and cert_ok and key_ok:
         _check_pair(report, tls.cert, tls.key)
 
@@ -1513,7 +1542,7 @@ def _check_tls_files(report: _Report, tls: TLSConfig) -> None:
 def _check_certificate(report: _Report, path: Path) -> bool:
     from cryptography import x509  # here, not at the top: relayctl starts faster
 
-    pem = _read_named_file(report, ("tls",), "cert", path)
+    pem = _read_named_file(report, ("tls",), "cert", path, _TLS_FIX)
     if pem is None:
         return False
     try:
@@ -1531,11 +1560,13 @@ def _check_certificate(report: _Report, path: Path) -> bool:
     return True
 
 
-def _load_private_key(report: _Report, table: TablePath, key: str, path: Path) -> object | None:
+def _load_private_key(
+    report: _Report, table: TablePath, key: str, path: Path, fix: str = ""
+) -> object | None:
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-    pem = _read_named_file(report, table, key, path)
+    pem = _read_named_file(report, table, key, path, fix)
     if pem is None:
         return None
     try:
@@ -1550,10 +1581,6 @@ def _load_private_key(report: _Report, table: TablePath, key: str, path: Path) -
     except (ValueError, UnsupportedAlgorithm):
         report.error(table, key, f"{_quote(path)} holds no PEM private key (BEGIN PRIVATE KEY)")
     return None
-
-
-def _check_private_key(report: _Report, table: TablePath, key: str, path: Path) -> bool:
-    return _load_private_key(report, table, key, path) is not None
 
 
 def _check_pair(report: _Report, cert: Path, key: Path) -> None:
@@ -1578,14 +1605,38 @@ def _check_users_file(report: _Report, path: Path) -> None:
             "users_file",
             f'{_quote(path)} does not exist yet; "relayctl user add NAME" creates it',
         )
+        return
     except OSError as error:
         report.error(("auth",), "users_file", f"cannot read {_quote(path)}: {error.strerror}")
+        return
+    _check_users(report, path)
 
 
-def _check_dkim_key(report: _Report, table: TablePath, path: Path) -> None:
+def _check_users(report: _Report, path: Path) -> None:
+    """Users that can log in but may send from no address at all: a setup mistake."""
+    from relayd.users import UserDB, UserError
+
+    try:
+        db = UserDB.load(path)
+    except (UserError, OSError) as error:
+        report.error(("auth",), "users_file", str(error))
+        return
+    for name in db.names():
+        user = db.get(name)
+        if user is not None and "@" not in user.name and not user.allow_from:
+            report.warn(
+                ("auth",),
+                "users_file",
+                f"user {user.name} may send from no address: give it one "
+                f"(relayctl user del {user.name}; relayctl user add {user.name} "
+                "--allow-from 'app@example.com')",
+            )
+
+
+def _check_dkim_key(report: _Report, table: TablePath, path: Path, fix: str = "") -> None:
     from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-    key = _load_private_key(report, table, "key_file", path)
+    key = _load_private_key(report, table, "key_file", path, fix)
     if key is None:
         return
     if isinstance(key, rsa.RSAPrivateKey):

@@ -575,10 +575,12 @@ def cmd_user(args: argparse.Namespace, config: Config) -> int:
     try:
         if args.user_action == "add":
             password = users.read_password(args.password_stdin, prompt=_prompt)
+            _warn_if_short(password)
             users.cmd_user_add(path, args.name, password, args.allow_from or [])
             print(f"relayd: user {args.name} added to {path}")
         elif args.user_action == "passwd":
             password = users.read_password(args.password_stdin, prompt=_prompt)
+            _warn_if_short(password)
             users.cmd_user_passwd(path, args.name, password)
             print(f"relayd: password changed for {args.name}")
         elif args.user_action == "del":
@@ -591,6 +593,19 @@ def cmd_user(args: argparse.Namespace, config: Config) -> int:
     except OSError as exc:
         raise Failed(f"{path}: {exc.strerror or exc}") from exc
     return EXIT_OK
+
+
+MIN_PASSWORD = 12
+
+
+def _warn_if_short(password: str) -> None:
+    """Accepted, but said: app passwords are typed once, so there is no excuse for short ones."""
+    if len(password) < MIN_PASSWORD:
+        print(
+            f"relayctl: warning: the password is shorter than {MIN_PASSWORD} characters; "
+            "a random one resists guessing (e.g. openssl rand -base64 18)",
+            file=sys.stderr,
+        )
 
 
 def _print_users(listing: list[Any], as_json: bool) -> None:

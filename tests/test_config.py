@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -123,6 +125,13 @@ def test_minimal_config_loads_with_every_default(tmp_path: Path) -> None:
     assert config.dns.nameservers == ()
     assert config.metrics.address is None
     assert config.source == path
+    # The one warning: the hostname is still SPEC's example.
+    (warning,) = config.warnings
+    assert ':1: hostname: warning: still the example "mail.example.com"' in warning
+
+
+def test_a_real_hostname_gives_no_warning(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL.replace("mail.example.com", "mx1.relayd.test")))
     assert config.warnings == ()
 
 
@@ -649,7 +658,7 @@ def test_example_config_loads() -> None:
         ("submission", 587, "submission", "starttls"),
         ("submissions", 465, "submission", "implicit"),
     ]
-    assert config.warnings == ()
+    assert [w for w in config.warnings if "still the example" not in w] == []
 
 
 def test_example_config_loads_with_every_optional_key_uncommented(tmp_path: Path) -> None:
@@ -798,7 +807,7 @@ def test_check_files_reports_missing_and_garbled_files(tmp_path: Path, ca: trust
             f'relayd: {{path}}:7: [tls] cert: "{cert}" holds no PEM certificate '
             "(BEGIN CERTIFICATE)",
             f'relayd: {{path}}:16: [[dkim.key]] key_file: cannot read "{dkim}": '
-            "No such file or directory",
+            "No such file or directory; create it with: relayctl dkim keygen example.com s1",
         ],
         [
             f'relayd: {{path}}:11: [auth] users_file: warning: "{users}" does not exist yet; '
@@ -912,7 +921,9 @@ def test_check_files_works_on_a_config_built_in_code(tmp_path: Path) -> None:
     errors, warnings = check_files(config)
     assert errors == [
         f'relayd: {tmp_path}/nowhere.toml:1: [tls] cert: cannot read "{missing}": '
-        "No such file or directory",
+        "No such file or directory; put the certificate chain and key there (docs/install.md: "
+        "a certbot deploy hook copies them), or for a test make a self-signed pair with "
+        "openssl req -x509",
         f'relayd: {tmp_path}/nowhere.toml:1: [auth] users_file: cannot read "{tmp_path}": '
         "Is a directory",
     ]
@@ -1161,3 +1172,28 @@ def test_server_processes_bad_value(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert f"relayd: {path}:3: [server] processes: expected \"auto\" or a number" in str(err.value)
+
+
+def test_check_config_reports_missing_files_together_with_bad_keys(tmp_path: Path) -> None:
+    """One run lists every problem: a bad key does not hide the missing files (SPEC §9)."""
+    path = write(
+        tmp_path,
+        MINIMAL.replace("mail.example.com", "mx.relayd.test")
+        + '[limits]\nmax_message_size = "lots"\n'
+        + '[[dkim.key]]\ndomain = "example.com"\nselector = "s1"\n'
+        + f'key_file = "{tmp_path}/none.key"\n',
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "relayd.cli", "--config", str(path), "--check-config"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    assert any("max_message_size: expected a size" in line for line in lines)
+    assert any("[tls] cert: cannot read" in line and "certbot" in line for line in lines)
+    assert any("relayctl dkim keygen example.com s1" in line for line in lines)
+    numbers = [int(line.split(":")[2]) for line in lines if "warning" not in line]
+    assert numbers == sorted(numbers)

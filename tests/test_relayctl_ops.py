@@ -155,3 +155,28 @@ def test_dkim_show_prints_the_record_keygen_printed(live: tuple[Relayd, MXServer
     assert shown.strip() == made["record"].strip()
     out = r.ctl("dkim", "show", "example.com", "nokey")
     assert out.returncode == 1 and "relayctl dkim keygen example.com nokey" in out.stderr
+
+
+def test_a_short_password_is_accepted_with_a_warning(live: tuple[Relayd, MXServer]) -> None:
+    r, _ = live
+    out = r.ctl("user", "add", "bob@example.com", "--password-stdin", input=b"short\n")
+    assert out.returncode == 0
+    assert "shorter than 12 characters" in out.stderr
+    out = r.ctl("user", "add", "eve@example.com", "--password-stdin", input=b"x" * 20 + b"\n")
+    assert out.returncode == 0 and "warning" not in out.stderr
+
+
+def test_check_config_warns_about_a_user_who_may_send_from_nothing(
+    live: tuple[Relayd, MXServer],
+) -> None:
+    r, _ = live
+    r.add_user("app1", PASSWORD)  # a bare name without --allow-from owns no address
+    check = subprocess.run(
+        [sys.executable, "-m", "relayd.cli", "--config", str(r.config_path), "--check-config"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert check.returncode == 0
+    assert "user app1 may send from no address" in check.stderr
