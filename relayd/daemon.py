@@ -25,8 +25,10 @@ from relayd.acceptor import AcceptorPool, worker_count
 from relayd.config import Config, ConfigError, check_files, load_config
 from relayd.control.server import ControlServer
 from relayd.delivery.agent import DeliveryAgent
+from relayd.delivery.verify import RecipientProber
 from relayd.metrics import Metrics, MetricsServer
 from relayd.policy import ratelimit, sender
+from relayd.policy.recipients import RecipientChecks, RecipientsFile
 from relayd.policy.verdict import Verdict
 from relayd.scheduler import Scheduler
 from relayd.smtpd.inbound import InboundChecks
@@ -64,6 +66,8 @@ class Daemon:
         self.connections = ratelimit.ConnectionCounter(
             config.limits.max_connections, config.limits.max_connections_per_ip
         )
+        # Shared by every session and kept across reloads: answers stay cached.
+        self.prober = RecipientProber(config, relayd_dns.make_resolver(config.dns))
         self.services = self._services(config)
         self.listeners = Listeners(lambda: self.services)
         self.control = ControlServer(self)
@@ -84,6 +88,7 @@ class Daemon:
             enqueue=self._enqueue,
             free_space=self.spool.free_space,
             metrics=self.metrics,
+            prober=self.prober,
         )
 
     async def _enqueue(self, envelope: Envelope, message: bytes) -> None:
@@ -148,6 +153,7 @@ class Daemon:
         )
         await self.scheduler.stop(DRAIN_TIMEOUT)
         await self.agent.close()
+        await self.prober.close()
         await self.control.stop()
         await self.metrics_server.stop()
         for task in tasks:
@@ -190,6 +196,7 @@ class Daemon:
         self.rate_limiter.reconfigure(config.rate_limits)
         self.connections.reconfigure(config.limits)
         self.auth_throttle.reconfigure(config.auth)
+        self.prober.reconfigure(config, relayd_dns.make_resolver(config.dns))
         old_agent = self.agent
         self.agent = DeliveryAgent(config, relayd_dns.make_resolver(config.dns))
         self.scheduler.reconfigure(config, self.agent)
@@ -251,8 +258,13 @@ def build_services(
     enqueue: Callable[[Envelope, bytes], Awaitable[None]],
     free_space: Callable[[], int],
     metrics: Metrics,
+    prober: RecipientProber | None = None,
 ) -> Services:
-    """The snapshot sessions run on; the daemon and acceptor processes build it alike."""
+    """The snapshot sessions run on; the daemon and acceptor processes build it alike.
+
+    ``prober`` keeps its answer cache across snapshots; without one (an
+    acceptor process, built once per config) a new one is made here.
+    """
     tls = None
     if config.tls.cert is not None and config.tls.key is not None:
         tls = server_tls_context(str(config.tls.cert), str(config.tls.key))
@@ -272,9 +284,21 @@ def build_services(
         sender_verdict=sender_verdict,
         sign=lambda message: _sign(signer, message),
         checks=InboundChecks(config),
+        recipients=_recipient_checks(config, prober),
         free_space=free_space,
         metrics=metrics,
     )
+
+
+def _recipient_checks(config: Config, prober: RecipientProber | None) -> RecipientChecks:
+    relay = config.relay
+    listed = RecipientsFile(relay.recipients_file) if relay.recipients_file else None
+    probe = None
+    if relay.verify_recipients:
+        if prober is None:
+            prober = RecipientProber(config, relayd_dns.make_resolver(config.dns))
+        probe = prober.check
+    return RecipientChecks(listed, probe)
 
 
 async def _sign(signer: dkim.Signer, message: bytes) -> bytes:

@@ -86,6 +86,19 @@ class AuthThrottle(Protocol):
     def success(self, ip: str) -> None: ...
 
 
+class RecipientCheck(Protocol):
+    """Does a served domain have this user? (``[relay] recipients_file`` / ``verify_recipients``)"""
+
+    async def verdict(self, rcpt: Address) -> Verdict: ...
+
+
+class NoRecipientCheck:
+    """Every user of a served domain is taken to exist (the default)."""
+
+    async def verdict(self, rcpt: Address) -> Verdict:
+        return None
+
+
 class RateLimiter(Protocol):
     def check(
         self, now: float, ip: str, user: str | None, sender_domain: str | None, *, record: bool
@@ -120,6 +133,7 @@ class Services:
     sender_verdict: Callable[[str, str], Verdict]
     sign: Callable[[bytes], Awaitable[bytes]]
     checks: Checks = field(default_factory=NoChecks)
+    recipients: RecipientCheck = field(default_factory=NoRecipientCheck)
     free_space: Callable[[], int] = lambda: 1 << 62
     # The daemon's one registry, shared across reloads; a private one counts for nobody.
     metrics: Metrics = field(default_factory=Metrics)
