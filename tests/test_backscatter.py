@@ -27,6 +27,7 @@ from support.ports import free_port
 from support.relayd_proc import Relayd
 
 from relayd.address import parse_path
+from relayd.config import load_config
 from relayd.delivery.reply import Outcome
 from relayd.delivery.verify import (
     ACCEPTED_TTL,
@@ -34,9 +35,11 @@ from relayd.delivery.verify import (
     REFUSED_TTL,
     Answer,
     AnswerCache,
+    RecipientProber,
     answer_of,
     ttl_of,
 )
+from relayd.dns import make_resolver
 from relayd.policy.recipients import listed_verdict, parse_recipients, probe_verdict
 
 SERVED = '["example.test", "hang.test", "down.test", "listed.test", "open.test"]'
@@ -290,6 +293,39 @@ def test_clients_that_may_relay_are_not_verified(
         [(code, _)] = rcpt_replies(r, "nobody@example.test")
         assert code == 250
     assert mx_pool[0].rcpts == []
+
+
+def test_probes_are_capped_in_number_and_time(tmp_path: Path) -> None:
+    """Ten distinct addresses at once against a next hop that never answers."""
+    port = free_port("127.0.0.7")
+    with MXServer("127.0.0.7", port) as mx:
+        mx.behaviour = "hang_after_greeting"
+        path = tmp_path / "relayd.toml"
+        path.write_text(
+            'hostname = "mail.relayd.test"\n[[route]]\ndomain = "example.test"\n'
+            f'via = "127.0.0.7:{port}"\ntls = "none"\n'
+        )
+        config = load_config(path)
+
+        async def attack() -> tuple[list[tuple[str, str]], float]:
+            prober = RecipientProber(
+                config, make_resolver(config.dns), timeout=2.0, max_running=2, max_pending=4
+            )
+            t0 = time.monotonic()
+            results = await asyncio.gather(
+                *(prober.check(f"user{i}@example.test") for i in range(10))
+            )
+            elapsed = time.monotonic() - t0
+            await prober.close()
+            assert len(prober.cache) == 0  # "unknown" is never cached
+            return list(results), elapsed
+
+        results, elapsed = asyncio.run(attack())
+        assert mx.connections == 2  # max_running; the other two pending timed out waiting
+    assert all(result == "unknown" for result, _ in results)
+    busy = [detail for _, detail in results if "too many recipient checks" in detail]
+    assert len(busy) == 6  # over max_pending: answered at once, no probe
+    assert elapsed < 2.0 + 1.5, elapsed
 
 
 # ---------------------------------------------------------------------------
