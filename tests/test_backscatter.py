@@ -278,6 +278,27 @@ def test_concurrent_rcpts_for_one_address_share_one_probe(
     ]
 
 
+def test_every_accepting_process_verifies_with_its_own_cache(
+    tmp_path: Path, dns_server: DNSServer, mx_pool: MXPool
+) -> None:
+    dns_server.add("example.test MX 10 mx1.test", "mx1.test A 127.0.0.2")
+    mx_pool[0].reply_for("*", "550 5.1.1 no such user")
+    r = Relayd(
+        tmp_path / "relayd",
+        dns_address=dns_server.address,
+        hold_delivery=False,
+        extra=(
+            f"[relay]\ndomains = {SERVED}\nnetworks = {STRANGERS}\nverify_recipients = true\n"
+            f"[delivery]\nport = {mx_pool.port}\n[server]\nprocesses = 2\n"
+        ),
+    )
+    with r:
+        r.start()
+        codes = [rcpt_replies(r, "nobody@example.test")[0][0] for _ in range(8)]
+    assert codes == [550] * 8
+    assert 1 <= probes_for(mx_pool[0], "nobody@example.test") <= 2  # one per process
+
+
 def test_clients_that_may_relay_are_not_verified(
     tmp_path: Path, dns_server: DNSServer, mx_pool: MXPool
 ) -> None:
