@@ -66,7 +66,8 @@ class Daemon:
         self.connections = ratelimit.ConnectionCounter(
             config.limits.max_connections, config.limits.max_connections_per_ip
         )
-        # Shared by every session and kept across reloads: answers stay cached.
+        # One for the daemon's life, so its caps on probes hold across snapshots
+        # (a reload empties its cache: the routes may have changed).
         self.prober = RecipientProber(config, relayd_dns.make_resolver(config.dns))
         self.services = self._services(config)
         self.listeners = Listeners(lambda: self.services)
@@ -262,8 +263,8 @@ def build_services(
 ) -> Services:
     """The snapshot sessions run on; the daemon and acceptor processes build it alike.
 
-    ``prober`` keeps its answer cache across snapshots; without one (an
-    acceptor process, built once per config) a new one is made here.
+    ``prober`` is the daemon's one recipient prober; without one (an
+    acceptor process, which builds this once per config) a new one is made.
     """
     tls = None
     if config.tls.cert is not None and config.tls.key is not None:
