@@ -26,7 +26,7 @@ from support.mxserver import MXPool, MXServer
 from support.ports import free_port
 from support.relayd_proc import Relayd
 
-from relayd.address import parse_path
+from relayd.address import Address, parse_path
 from relayd.config import load_config
 from relayd.delivery.reply import Outcome
 from relayd.delivery.verify import (
@@ -46,7 +46,7 @@ SERVED = '["example.test", "hang.test", "down.test", "listed.test", "open.test"]
 STRANGERS = '["192.0.2.0/24"]'  # anything but loopback: the test client may not relay
 
 
-def addr(text: str):  # type: ignore[no-untyped-def]
+def addr(text: str) -> Address:
     rcpt, _ = parse_path(f"<{text}>", allow_null=False)
     assert rcpt is not None
     return rcpt

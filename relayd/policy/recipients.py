@@ -13,7 +13,9 @@ two ways that may be combined:
 - ``[relay] verify_recipients``: ask the domain's next hop (see
   relayd.delivery.verify); this module turns its answer into the reply.
 
-Everything here except ``RecipientsFile`` is a plain function of plain data.
+The decisions are plain functions of plain data; ``RecipientsFile`` (the
+file as it is now) and ``RecipientChecks`` (the two checks in order) hold
+the state around them.
 """
 
 from __future__ import annotations
