@@ -5,6 +5,10 @@ message; a delay notice tells them which ones are still being retried, so
 nobody loses mail silently. Both are a ``multipart/report`` with a human
 part, a machine-readable ``message/delivery-status`` part and the original
 headers (never the body: a bounce must not become a way to relay content).
+For mail from a client that did not authenticate, the headers returned stop
+at ``STRANGER_HEADER_LIMIT`` octets: such a sender is usually forged, and a
+bounce that echoed a huge header block would make relayd an amplifier
+aimed at whoever the forger named (SPEC §7).
 
 Everything here is pure: the scheduler hands in the recipients with the
 typed fields the delivery agent filled in (enhanced status, the remote
@@ -28,6 +32,9 @@ from relayd.spool.model import Envelope, Recipient
 FAILURE_SUBJECT = "Undelivered Mail Returned to Sender"
 DELAY_SUBJECT = "Delayed Mail (still being retried)"
 EXPIRED_DSN = "4.4.7"
+# At most this much of the original header block goes back to an
+# unauthenticated sender: 16 kB, so also within 16 KiB.
+STRANGER_HEADER_LIMIT = 16_000
 
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _FOLD_AT = 76
@@ -98,7 +105,7 @@ def _report(
     """Assemble the three parts; built by hand so every byte on the wire is known."""
     human = (intro + "\r\n" + "".join(_explain(r) for r in recipients)).encode()
     status, global_status = _status_part(hostname, envelope, per_recipient)
-    headers = original_headers(original)
+    headers = returned_headers(envelope, original)
     boundary = _boundary(envelope, now, human + status + headers)
     status_type = "message/global-delivery-status" if global_status else "message/delivery-status"
     parts = [
@@ -217,6 +224,27 @@ def original_headers(original: bytes) -> bytes:
             break
         out.append(line + b"\r\n")
     return b"".join(out)
+
+
+def returned_headers(envelope: Envelope, original: bytes) -> bytes:
+    """The headers to return: all of them to a user who logged in, else the first 16 kB.
+
+    The envelope records the login, not whether the client was in ``[relay]
+    networks``; so mail from those networks is returned like a stranger's,
+    which costs a trusted sender nothing but the tail of a huge header block.
+    """
+    headers = original_headers(original)
+    if envelope.sasl_username:
+        return headers
+    return _whole_lines(headers, STRANGER_HEADER_LIMIT)
+
+
+def _whole_lines(block: bytes, limit: int) -> bytes:
+    """The longest run of whole CRLF lines from the start of ``block`` within ``limit``."""
+    if len(block) <= limit:
+        return block
+    cut = block.rfind(b"\r\n", 0, limit)
+    return block[: cut + 2] if cut >= 0 else b""
 
 
 def _boundary(envelope: Envelope, now: float, content: bytes) -> bytes:

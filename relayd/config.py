@@ -118,6 +118,11 @@ class RelayConfig:
     # Extension: must be true for a network that covers everyone
     # (0.0.0.0/0, ::/0); otherwise such a network is a config error.
     allow_open_relay: bool = False
+    # Extension: ask a served domain's next hop about each inbound RCPT, so
+    # mail for unknown users is refused at RCPT instead of bounced later.
+    verify_recipients: bool = False
+    # Extension: the valid recipients of served domains, one per line.
+    recipients_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -247,7 +252,13 @@ SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
     "[[listener]]": ("name", "address", "mode", "tls"),
     "[tls]": ("cert", "key"),
     "[auth]": ("users_file", "max_failures", "failure_window"),
-    "[relay]": ("domains", "networks", "allow_open_relay"),
+    "[relay]": (
+        "domains",
+        "networks",
+        "allow_open_relay",
+        "verify_recipients",
+        "recipients_file",
+    ),
     "[limits]": (
         "max_message_size",
         "max_recipients",
@@ -1132,7 +1143,13 @@ def _read_relay(loader: _Loader) -> RelayConfig:
                 f"{_quote(network)} lets anyone relay mail through relayd: it is an open relay "
                 "(allow_open_relay = true)",
             )
-    return RelayConfig(tuple(dict.fromkeys(domains)), networks, allow_open)
+    return RelayConfig(
+        tuple(dict.fromkeys(domains)),
+        networks,
+        allow_open,
+        verify_recipients=section.get("verify_recipients", _boolean, default.verify_recipients),
+        recipients_file=section.get("recipients_file", loader.path(), default.recipients_file),
+    )
 
 
 def _read_limits(loader: _Loader) -> Limits:
@@ -1477,6 +1494,8 @@ def check_files(config: Config) -> tuple[list[str], list[str]]:
     report = _Report(config.source, config.lines or _rescan(config.source))
     _check_tls_files(report, config.tls)
     _check_users_file(report, config.auth.users_file)
+    if config.relay.recipients_file is not None:
+        _check_recipients_file(report, config.relay.recipients_file)
     for index, key in enumerate(config.dkim.keys):
         fix = f"create it with: relayctl dkim keygen {key.domain} {key.selector}"
         _check_dkim_key(report, ("dkim", "key", index), key.key_file, fix)
@@ -1631,6 +1650,20 @@ def _check_users(report: _Report, path: Path) -> None:
                 f"(relayctl user del {user.name}; relayctl user add {user.name} "
                 "--allow-from 'app@example.com')",
             )
+
+
+def _check_recipients_file(report: _Report, path: Path) -> None:
+    """Unlike the users file, a missing list is an error: it would refuse nobody."""
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as error:
+        report.error(
+            ("relay",),
+            "recipients_file",
+            f"cannot read {_quote(path)}: {error.strerror or error}; create it (one address "
+            "or @domain per line) or remove the key",
+        )
 
 
 def _check_dkim_key(report: _Report, table: TablePath, path: Path, fix: str = "") -> None:

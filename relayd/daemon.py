@@ -25,9 +25,11 @@ from relayd.acceptor import AcceptorPool, worker_count
 from relayd.config import Config, ConfigError, check_files, load_config
 from relayd.control.server import ControlServer
 from relayd.delivery.agent import DeliveryAgent
+from relayd.delivery.verify import RecipientProber
 from relayd.local.server import LocalSubmission
 from relayd.metrics import Metrics, MetricsServer
 from relayd.policy import ratelimit, sender
+from relayd.policy.recipients import RecipientChecks, RecipientsFile
 from relayd.policy.verdict import Verdict
 from relayd.scheduler import Scheduler
 from relayd.smtpd.content import Content
@@ -66,6 +68,9 @@ class Daemon:
         self.connections = ratelimit.ConnectionCounter(
             config.limits.max_connections, config.limits.max_connections_per_ip
         )
+        # One for the daemon's life, so its caps on probes hold across snapshots
+        # (a reload empties its cache: the routes may have changed).
+        self.prober = RecipientProber(config, relayd_dns.make_resolver(config.dns))
         self.services = self._services(config)
         self.listeners = Listeners(lambda: self.services)
         self.control = ControlServer(self)
@@ -88,6 +93,7 @@ class Daemon:
             free_space=self.spool.free_space,
             spill_dir=self.spool.tmp_dir,
             metrics=self.metrics,
+            prober=self.prober,
         )
 
     async def _enqueue(self, envelope: Envelope, message: bytes, tail: Tail | None) -> None:
@@ -153,6 +159,7 @@ class Daemon:
         )
         await self.scheduler.stop(DRAIN_TIMEOUT)
         await self.agent.close()
+        await self.prober.close()
         await self.control.stop()
         await self.local.stop()
         await self.metrics_server.stop()
@@ -196,6 +203,7 @@ class Daemon:
         self.rate_limiter.reconfigure(config.rate_limits)
         self.connections.reconfigure(config.limits)
         self.auth_throttle.reconfigure(config.auth)
+        self.prober.reconfigure(config, relayd_dns.make_resolver(config.dns))
         old_agent = self.agent
         self.agent = DeliveryAgent(config, relayd_dns.make_resolver(config.dns))
         self.scheduler.reconfigure(config, self.agent)
@@ -259,8 +267,13 @@ def build_services(
     free_space: Callable[[], int],
     spill_dir: str,
     metrics: Metrics,
+    prober: RecipientProber | None = None,
 ) -> Services:
-    """The snapshot sessions run on; the daemon and acceptor processes build it alike."""
+    """The snapshot sessions run on; the daemon and acceptor processes build it alike.
+
+    ``prober`` is the daemon's one recipient prober; without one (an
+    acceptor process, which builds this once per config) a new one is made.
+    """
     tls = None
     if config.tls.cert is not None and config.tls.key is not None:
         tls = server_tls_context(str(config.tls.cert), str(config.tls.key))
@@ -280,10 +293,22 @@ def build_services(
         sender_verdict=sender_verdict,
         sign=lambda header, content: _sign(signer, header, content),
         checks=InboundChecks(config),
+        recipients=_recipient_checks(config, prober),
         free_space=free_space,
         spill_dir=spill_dir,
         metrics=metrics,
     )
+
+
+def _recipient_checks(config: Config, prober: RecipientProber | None) -> RecipientChecks:
+    relay = config.relay
+    listed = RecipientsFile(relay.recipients_file) if relay.recipients_file else None
+    probe = None
+    if relay.verify_recipients:
+        if prober is None:
+            prober = RecipientProber(config, relayd_dns.make_resolver(config.dns))
+        probe = prober.check
+    return RecipientChecks(listed, probe)
 
 
 async def _sign(signer: dkim.Signer, header: bytes, content: Content) -> bytes:

@@ -17,6 +17,7 @@ from relayd.bounce import (
     build_delay_dsn,
     build_failure_dsn,
     original_headers,
+    returned_headers,
 )
 from relayd.spool.model import Attempt, Envelope, Recipient
 
@@ -148,6 +149,31 @@ def test_third_part_is_the_original_headers_without_the_body() -> None:
     assert isinstance(headers, str)
     assert "Subject: quarterly numbers" in headers
     assert "X-Long: first part\r\n\tcontinued" in headers or "\tcontinued" in headers
+    assert b"secret body" not in raw
+
+
+BIG_HEADERS = b"".join(b"X-Filler-%03d: " % i + b"y" * 380 + b"\r\n" for i in range(110))
+BIG = ORIGINAL.replace(b"\r\n\r\n", b"\r\n" + BIG_HEADERS + b"\r\n", 1)
+
+
+def test_a_stranger_gets_back_at_most_16kb_of_headers_in_whole_lines() -> None:
+    assert len(original_headers(BIG)) > 40_000
+    env = envelope(unknown_user())  # no sasl_username: the sender did not log in
+    raw = build_failure_dsn(HOST, env, env.recipients, BIG, NOW)
+    returned = parts(parse(raw))[2].get_payload(decode=True)
+    assert isinstance(returned, bytes)
+    assert 15_000 < len(returned) <= 16_000
+    assert returned.startswith(b"From: Alice") and returned.endswith(b"y\r\n")
+    assert b"secret body" not in raw
+    assert returned_headers(env, ORIGINAL) == original_headers(ORIGINAL)  # small: all of it
+
+
+def test_a_user_who_logged_in_gets_back_all_headers_but_still_no_body() -> None:
+    env = envelope(unknown_user())
+    env.sasl_username = "alice@example.com"
+    raw = build_failure_dsn(HOST, env, env.recipients, BIG, NOW)
+    returned = parts(parse(raw))[2].get_payload(decode=True)
+    assert returned == original_headers(BIG)
     assert b"secret body" not in raw
 
 

@@ -677,6 +677,8 @@ EXTENSIONS = {
     ("[auth]", "max_failures"),
     ("[auth]", "failure_window"),
     ("[relay]", "allow_open_relay"),
+    ("[relay]", "verify_recipients"),
+    ("[relay]", "recipients_file"),
     ("[spool]", "min_free_space"),
     ("[control]", "group"),
     ("[metrics]", "address"),

@@ -464,6 +464,31 @@ class Session:
             await self._write(b".\r\n", "ending an empty message")
             await self._read("waiting for the reply to the end of data")
 
+    # -- asking about a recipient --------------------------------------------
+
+    async def probe_recipient(self, recipient: str) -> Outcome:
+        """Would the server take mail for ``recipient``? MAIL FROM:<>, RCPT, RSET; no data.
+
+        The Outcome is the RCPT reply's ("sent" meaning it would be taken).
+        A refused MAIL FROM:<> says nothing about the recipient, so it comes
+        back temporary. Never raises for anything the server says or does.
+        """
+        utf8 = needs_smtputf8("", [recipient])
+        if utf8 and "SMTPUTF8" not in self.extensions:
+            text = f"{self.endpoint.where}: SMTPUTF8 is required, but was not offered"
+            return Outcome.perm("5.6.7", text)
+        try:
+            mail = await self._ask(
+                "MAIL FROM:<>" + (" SMTPUTF8" if utf8 else ""), "waiting for the reply to MAIL"
+            )
+            if mail.code // 100 != 2:
+                return Outcome.refused(mail).softened()
+            rcpt = await self._ask(f"RCPT TO:<{recipient}>", "waiting for the reply to RCPT")
+        except _Broken as e:
+            return e.outcome
+        await self.reset()
+        return Outcome.of(rcpt) if rcpt.code // 100 == 2 else Outcome.refused(rcpt)
+
     # -- between and after messages ------------------------------------------
 
     async def reset(self) -> bool:

@@ -90,6 +90,19 @@ class AuthThrottle(Protocol):
     def success(self, ip: str) -> None: ...
 
 
+class RecipientCheck(Protocol):
+    """Does a served domain have this user? (``[relay] recipients_file`` / ``verify_recipients``)"""
+
+    async def verdict(self, rcpt: Address) -> Verdict: ...
+
+
+class NoRecipientCheck:
+    """Every user of a served domain is taken to exist (the default)."""
+
+    async def verdict(self, rcpt: Address) -> Verdict:
+        return None
+
+
 class RateLimiter(Protocol):
     def check(
         self, now: float, ip: str, user: str | None, sender_domain: str | None, *, record: bool
@@ -126,6 +139,7 @@ class Services:
     # DKIM-Signature field(s) for the header block given, followed by the content's body.
     sign: Callable[[bytes, Content], Awaitable[bytes]]
     checks: Checks = field(default_factory=NoChecks)
+    recipients: RecipientCheck = field(default_factory=NoRecipientCheck)
     free_space: Callable[[], int] = lambda: 1 << 62
     spill_dir: str = ""  # where DATA goes once it is large: the spool's tmp/
     # The daemon's one registry, shared across reloads; a private one counts for nobody.

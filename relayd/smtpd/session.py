@@ -491,13 +491,13 @@ class Session(SMTP):  # type: ignore[misc]
         return None
 
     async def smtp_RCPT(self, arg: str | None) -> None:
-        reply = self._rcpt_reply(arg)
+        reply = await self._rcpt_reply(arg)
         if not reply.startswith("250"):
             self.services.metrics.refused(reply)
             self._log_reject("RCPT", reply, arg)
         await self.push(reply)
 
-    def _rcpt_reply(self, arg: str | None) -> str:
+    async def _rcpt_reply(self, arg: str | None) -> str:
         if self.queue_id is None:
             return "503 5.5.1 Error: need MAIL command"
         if not arg or arg[:3].upper() != "TO:":
@@ -515,12 +515,17 @@ class Session(SMTP):  # type: ignore[misc]
         if len(self.recipients) >= self.services.config.limits.max_recipients:
             return "452 4.5.3 Error: too many recipients"
         relay = self.services.config.relay
+        relay_allowed = self._may_relay()
         verdict = recipient_verdict(
             rcpt,
-            relay_allowed=self._may_relay(),
+            relay_allowed=relay_allowed,
             inbound=self.listener.mode == "inbound",
             domains=relay.domains,
         )
+        if verdict is None and not relay_allowed:
+            # A stranger writing to a served domain: refuse unknown users now,
+            # rather than accept and bounce to a sender who is likely forged.
+            verdict = await self.services.recipients.verdict(rcpt)
         if verdict is not None:
             return f"{verdict.code} {verdict.enhanced} <{rcpt}>: {verdict.text}"
         self.recipients.append(rcpt)
@@ -534,7 +539,8 @@ class Session(SMTP):  # type: ignore[misc]
             f"reject: {stage} from unknown[{self.client.ip}]: {reply}; "
             f"from={sender} to={(arg or '')[3:].strip()} proto=ESMTP "
             f"helo=<{self.session.host_name or ''}>",
-            queue_id=self.queue_id or "NOQUEUE",
+            # Nothing is queued before DATA: a refused RCPT is NOQUEUE, as Postfix logs it.
+            queue_id="NOQUEUE" if stage == "RCPT" else self.queue_id or "NOQUEUE",
             client_ip=self.client.ip,
             smtp_reply=reply,
         )
