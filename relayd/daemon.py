@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from relayd import __version__, dkim, log, systemd
+from relayd import __version__, dkim, log, systemd, workers
 from relayd import dns as relayd_dns
 from relayd.acceptor import AcceptorPool, worker_count
 from relayd.config import Config, ConfigError, check_files, load_config
@@ -29,6 +29,7 @@ from relayd.metrics import Metrics, MetricsServer
 from relayd.policy import ratelimit, sender
 from relayd.policy.verdict import Verdict
 from relayd.scheduler import Scheduler
+from relayd.smtpd.content import Content
 from relayd.smtpd.inbound import InboundChecks
 from relayd.smtpd.listener import Listeners
 from relayd.smtpd.services import Services, server_tls_context
@@ -270,23 +271,28 @@ def build_services(
         rate_limiter=rate_limiter,
         enqueue=enqueue,
         sender_verdict=sender_verdict,
-        sign=lambda message: _sign(signer, message),
+        sign=lambda header, content: _sign(signer, header, content),
         checks=InboundChecks(config),
         free_space=free_space,
         metrics=metrics,
     )
 
 
-async def _sign(signer: dkim.Signer, message: bytes) -> bytes:
+async def _sign(signer: dkim.Signer, header: bytes, content: Content) -> bytes:
+    """The DKIM-Signature line(s) to prepend, b"" when no key matches.
+
+    Signing runs in its own pool (relayd.workers.SIGN): it never waits
+    behind inbound verification, and a password check never waits behind it.
+    """
     if not signer.domains:  # no keys: no thread hop on the hot path
-        return message
+        return b""
     try:
-        signed = await signer.sign_async(message)
+        fields = await workers.SIGN.run(signer.signature_for, header, content)
     except Exception as exc:  # dkimpy raises its own types for bad input
         # A message dkimpy cannot parse is relayed unsigned rather than refused.
         log.event("cleanup", f"warning: not DKIM-signed: {exc}", level=logging.WARNING)
-        return message
-    return signed if signed is not None else message
+        return b""
+    return fields or b""
 
 
 def run(config: Config) -> int:

@@ -24,10 +24,10 @@ from relayd.dkim import (
     keygen,
     public_record,
     signed_headers,
-    verify,
-    verify_async,
 )
-from relayd.dns import dkim_dnsfunc, make_sync_resolver
+from relayd.dkimverify import verify_content, verify_sync
+from relayd.dns import dkim_dnsfunc, make_resolver, make_sync_resolver
+from relayd.smtpd.content import Content
 
 MESSAGE = (
     b"From: Alice <alice@example.test>\r\n"
@@ -83,6 +83,11 @@ def signer_for(keys: dict[str, tuple[Path, str]], *names: str) -> Signer:
     selectors = {"rsa": "s1", "ed25519": "s2", "other": "s1"}
     domains = {"rsa": "example.test", "ed25519": "example.test", "other": "other.test"}
     return Signer([DKIMKey(domains[n], selectors[n], keys[n][0]) for n in names])
+
+
+def verify(message: bytes, resolver: dns.resolver.Resolver) -> list[DKIMResult]:
+    """relayd's verification of a message in memory."""
+    return verify_sync(Content.from_bytes(message), resolver)
 
 
 def dkimpy_verifies(message: bytes, resolver: dns.resolver.Resolver) -> bool:
@@ -210,15 +215,16 @@ def test_garbled_signature_is_permerror(resolver: dns.resolver.Resolver) -> None
     assert (result.domain, result.selector, result.result) == ("example.test", "s1", "permerror")
 
 
-def test_async_sign_and_verify(
-    keys: dict[str, tuple[Path, str]], resolver: dns.resolver.Resolver
+def test_async_verify_of_streamed_content(
+    keys: dict[str, tuple[Path, str]], dns_server: DNSServer
 ) -> None:
-    signer = signer_for(keys, "rsa")
+    signed = signer_for(keys, "rsa").sign(MESSAGE)
+    assert signed is not None
+    cfg = DNSConfig((HostPort("127.0.0.1", dns_server.port),), timeout=2.0)
 
     async def run() -> list[DKIMResult]:
-        signed = await signer.sign_async(MESSAGE)
-        assert signed is not None
-        return await verify_async(signed, resolver)
+        deadline = asyncio.get_running_loop().time() + 4.0
+        return await verify_content(Content.from_bytes(signed), make_resolver(cfg), deadline)
 
     assert asyncio.run(run()) == [DKIMResult("example.test", "s1", "pass")]
 

@@ -12,7 +12,8 @@ import pytest
 from support.dnsserver import DNSServer
 
 from relayd.config import DKIMKey, DMARCConfig, DNSConfig, HostPort
-from relayd.dkim import DKIMResult, Signer, from_domain, keygen, verify
+from relayd.dkim import DKIMResult, Signer, from_domain, keygen
+from relayd.dkimverify import verify_sync
 from relayd.dns import make_resolver, make_sync_resolver
 from relayd.policy.dmarc import (
     DMARCRecord,
@@ -30,6 +31,7 @@ from relayd.policy.dmarc import (
 from relayd.policy.spf import SPFResult
 from relayd.policy.verdict import Refuse
 from relayd.smtpd.authresults import authentication_results, authserv_id, strip_forged
+from relayd.smtpd.content import Content
 
 TAG = DMARCConfig(on_reject="tag")
 REJECT = DMARCConfig(on_reject="reject")
@@ -214,13 +216,12 @@ def test_end_to_end_with_a_real_signature(
     message = b"From: a@reject.test\r\nTo: b@x.test\r\nSubject: s\r\n\r\nhi\r\n"
     signed = Signer([DKIMKey("reject.test", "e2e", tmp_path / "k.pem")]).sign(message)
     assert signed is not None
-    dkim = verify(signed, resolver)
+    dkim = verify_sync(Content.from_bytes(signed), resolver)
     result = check_dmarc(resolver, from_domain(signed), None, dkim)
     assert result.result == "pass"
     forged = message.replace(b"hi", b"pay me")
-    assert check_dmarc(resolver, from_domain(forged), None, verify(forged, resolver)).result == (
-        "fail"
-    )
+    forged_dkim = verify_sync(Content.from_bytes(forged), resolver)
+    assert check_dmarc(resolver, from_domain(forged), None, forged_dkim).result == "fail"
 
 
 # -- Authentication-Results -----------------------------------------------------

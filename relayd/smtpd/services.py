@@ -19,6 +19,7 @@ from relayd.address import Address
 from relayd.config import Config
 from relayd.metrics import Metrics
 from relayd.policy.verdict import Verdict
+from relayd.smtpd.content import Content
 from relayd.spool.model import Envelope
 
 
@@ -31,7 +32,14 @@ class ClientInfo:
 
 
 class Checks(Protocol):
-    """Content and sender checks that need DNS (SPF, DKIM verification, DMARC)."""
+    """Content and sender checks that need DNS (SPF, DKIM verification, DMARC).
+
+    ``at_data`` returns the header lines to prepend (Authentication-Results),
+    never a whole message: the message itself stays where the session put it
+    (memory or a spool file) and is only read, in chunks, through ``content``.
+    Stripping forged Authentication-Results is the session's job, for every
+    client (relayd.smtpd.authresults.strip_forged on ``content.header``).
+    """
 
     async def at_mail(
         self, client: ClientInfo, helo: str, sender: Address | None, trusted: bool
@@ -45,9 +53,11 @@ class Checks(Protocol):
         helo: str,
         sender: Address | None,
         trusted: bool,
-        message: bytes,
+        content: Content,
         state: object,
-    ) -> tuple[Verdict, bytes]: ...
+    ) -> tuple[Verdict, bytes]:
+        """A refusal, and the header lines to prepend (b"" for none)."""
+        ...
 
 
 class NoChecks:
@@ -64,10 +74,10 @@ class NoChecks:
         helo: str,
         sender: Address | None,
         trusted: bool,
-        message: bytes,
+        content: Content,
         state: object,
     ) -> tuple[Verdict, bytes]:
-        return None, message
+        return None, b""
 
 
 class Users(Protocol):
@@ -118,7 +128,10 @@ class Services:
     rate_limiter: RateLimiter
     enqueue: Callable[[Envelope, bytes], Awaitable[None]]
     sender_verdict: Callable[[str, str], Verdict]
-    sign: Callable[[bytes], Awaitable[bytes]]
+    # sign(header, content): the DKIM-Signature line(s) to prepend for the
+    # message header + content's body (b"" when no key matches); the header
+    # is the block as it will be stored, after the session's own fixups.
+    sign: Callable[[bytes, Content], Awaitable[bytes]]
     checks: Checks = field(default_factory=NoChecks)
     free_space: Callable[[], int] = lambda: 1 << 62
     # The daemon's one registry, shared across reloads; a private one counts for nobody.

@@ -32,7 +32,8 @@ from relayd.address import Address, AddressError, parse_params, parse_path
 from relayd.config import Listener
 from relayd.policy.acl import may_relay, recipient_verdict
 from relayd.policy.verdict import Refuse
-from relayd.smtpd import dataread, headers
+from relayd.smtpd import authresults, dataread, headers
+from relayd.smtpd.content import Content
 from relayd.smtpd.services import ClientInfo, Services
 from relayd.spool.model import Envelope, Recipient
 from relayd.spool.queueid import new_queue_id
@@ -612,21 +613,26 @@ class Session(SMTP):  # type: ignore[misc]
         services = self.services
         submitted = self.user is not None or self._may_relay()
         assert self.session is not None
-        verdict, message = await services.checks.at_data(
+        content = Content.from_bytes(message)
+        hostname = services.config.hostname
+        header = authresults.strip_forged(content.header, hostname)
+        verdict, added = await services.checks.at_data(
             self.client,
             self.session.host_name or "",
             self.sender,
             submitted,
-            message,
+            content,
             self.check_state,
         )
         if verdict is not None:
             raise _Refused(verdict.reply())
+        body = message[content.body_offset :]
         if submitted:
-            message = headers.submission_fixups(message, services.config.hostname)
-            message = await services.sign(message)
+            fixed = headers.submission_fixups(header + b"\r\n", hostname)
+            header = fixed[:-2]
+            added = await services.sign(header, content) + added
         # Received-SPF goes above our Received: (RFC 7208 §9.1).
-        return b"".join(self.trace_headers) + self._received() + message
+        return b"".join(self.trace_headers) + self._received() + added + header + body
 
     def _received(self) -> bytes:
         assert self.session is not None and self.queue_id is not None
