@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -287,3 +288,29 @@ def test_authserv_id() -> None:
     assert authserv_id(b" Mail.Example.COM; spf=pass") == "mail.example.com"
     assert authserv_id(b" mail.example.com 1; none") == "mail.example.com"
     assert authserv_id(b' (c) "mail.example.com"; none') == "mail.example.com"
+
+
+@pytest.mark.parametrize("ours", ["mx.local.test", "MX.local.test.", "mx.local.test."])
+def test_strip_forged_on_a_header_block(ours: str) -> None:
+    """The session's call: a header block without body; folding, case, dots, nested comments."""
+    header = (
+        b"Received: from x\r\n"
+        b"AUTHENTICATION-RESULTS : Mx.Local.Test.;\r\n\tdkim=pass\r\n"
+        b"Authentication-Results:\r\n (a (nested) comment)\r\n  mx.local.test (c); spf=pass\r\n"
+        b"Authentication-Results: mx.local.test.evil.test; spf=pass\r\n"
+        b"Authentication-Results: (mx.local.test) other.test; spf=pass\r\n"
+        b"Subject: hi\r\n"
+    )
+    assert strip_forged(header, ours) == (
+        b"Received: from x\r\n"
+        b"Authentication-Results: mx.local.test.evil.test; spf=pass\r\n"
+        b"Authentication-Results: (mx.local.test) other.test; spf=pass\r\n"
+        b"Subject: hi\r\n"
+    )
+
+
+def test_authserv_id_after_deeply_nested_comments_is_linear() -> None:
+    value = b" " + b"(" * 50_000 + b")" * 50_000 + b" mx.local.test; none"
+    started = time.monotonic()
+    assert authserv_id(value) == "mx.local.test"
+    assert time.monotonic() - started < 2.0
