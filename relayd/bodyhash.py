@@ -21,7 +21,6 @@ import hashlib
 import re
 from collections.abc import Callable, Iterable
 
-_WSP_RUN = re.compile(rb"[ \t]+")
 _TRAILING_CRLFS = re.compile(rb"(?:\r\n)*\Z")
 _EMPTY_LINES = b"\r\n" * 4096
 
@@ -63,14 +62,28 @@ class Canonicalizer:
         self._carry, self._pending, self._started = b"", 0, False
 
     def _compress(self, data: bytes) -> bytes:
-        return _WSP_RUN.sub(b" ", data) if self.relaxed else data
+        """Relaxed: every run of blanks becomes one space.
+
+        Done with bytes.replace, which halves each run per pass: log2 of the
+        longest run in passes at C speed, several times faster than a regex
+        substitution on blank-heavy text.
+        """
+        if not self.relaxed:
+            return data
+        data = data.replace(b"\t", b" ")
+        while b"  " in data:
+            data = data.replace(b"  ", b" ")
+        return data
 
     def _lines(self, region: bytes) -> None:
         """Whole lines (``region`` ends in CRLF), the first maybe continuing a started line."""
         canon = self._compress(region)
         if self.relaxed:
             canon = canon.replace(b" \r\n", b"\r\n")
-        match = _TRAILING_CRLFS.search(canon)
+        # Only the run of CR/LF at the end can hold the trailing empty lines;
+        # the regex looks at that run alone (rstrip finds it at C speed).
+        run = len(canon.rstrip(b"\r\n"))
+        match = _TRAILING_CRLFS.search(canon, run)
         assert match is not None  # the pattern matches the empty string at the end
         body, crlfs = canon[: match.start()], (len(canon) - match.start()) // 2
         if body:
