@@ -472,3 +472,26 @@ def test_twenty_megabytes_from_a_file_verify_in_bounded_memory(
     assert [r.result for r in results] == ["pass"]
     print(f"verification of {size} octets: peak {peak / 1e6:.1f} MB traced")
     assert peak < 16e6, peak
+
+
+TAG_VALUE = st.sampled_from(
+    [b"v=1", b"a=rsa-sha256", b"a=rsa-sha1", b"a=x", b"c=relaxed/simple", b"c=bogus",
+     b"d=example.test", b"d=\xff\xfe", b"d=" + b"x" * 300, b"s=s1", b"s=", b"h=from",
+     b"h=", b"bh=AAAA", b"bh=!!", b"b=AAAA", b"b=", b"l=3", b"l=-1", b"l=99999999999",
+     b"x=1", b"t=9999999999", b"i=@other.test", b"=", b";", b"q=dns/txt"]
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(TAG_VALUE, max_size=12).map(b"; ".join), max_size=8), st.booleans())
+def test_hostile_signature_fields_never_raise(fields: list[bytes], has_key: bool) -> None:
+    """Whatever the tags, every checked signature gets a result and nothing escapes."""
+    header = b"".join(b"DKIM-Signature: " + f + b"\r\n" for f in fields) + b"From: a@b.test\r\n"
+    content = Content.from_bytes(header + b"\r\nbody\r\n")
+    the_plan = plan(content.header)
+    specs = [s.body for s in the_plan.signatures if s.body is not None]
+    digests = body_digests(content, specs, time.monotonic() + 60)
+    record = b"v=DKIM1; k=rsa; p=bm90IGEga2V5" if has_key else None
+    results = check_all(the_plan, [record] * len(the_plan.signatures), digests)
+    assert len(results) == min(len(fields), 5)
+    assert all(r.result in ("fail", "permerror", "temperror") for r in results)
