@@ -83,7 +83,11 @@ def good_key(tmp_path_factory: pytest.TempPathFactory, zone: DNSServer) -> bytes
 
 @pytest.fixture(scope="module")
 def relayd(tmp_path_factory: pytest.TempPathFactory, zone: DNSServer) -> Iterator[Relayd]:
-    r = Relayd(tmp_path_factory.mktemp("flood") / "relayd", dns_address=zone.address, extra=INBOUND)
+    root = tmp_path_factory.mktemp("flood")
+    key = root / "example.com.pem"
+    zone.add(keygen(key, "example.com", "sel1", bits=1024))
+    signing = f'[[dkim.key]]\ndomain = "example.com"\nselector = "sel1"\nkey_file = "{key}"\n'
+    r = Relayd(root / "relayd", dns_address=zone.address, extra=INBOUND + signing)
     r.add_user("alice@example.com", PASSWORD)
     with r:
         r.start()
@@ -160,14 +164,27 @@ def test_flood_of_signatures_is_bounded_and_logins_stay_fast(
         t.start()
     wait_for_lookups(zone, domains)
     login = timed_login(relayd)  # while all six wait for DNS that never answers
+    started = time.monotonic()
+    submitted = relayd.submit(
+        "alice@example.com",
+        PASSWORD,
+        "alice@example.com",
+        ["bob@example.org"],
+        b"From: alice@example.com\r\nTo: bob@example.org\r\nSubject: signed\r\n\r\nHi.\r\n",
+    )
+    signing = time.monotonic() - started  # connect, TLS, AUTH, DKIM signing, spool
+    still_checking = all(t.is_alive() for t in threads)
     for t in threads:
         t.join(timeout=BUDGET + SLACK + 30)
     assert not any(t.is_alive() for t in threads)
     print(
-        f"AUTH answered in {login:.3f}s; transactions took",
+        f"AUTH answered in {login:.3f}s, signed submission in {signing:.3f}s; transactions took",
         {d: round(v[1], 2) for d, v in outcome.items()},
     )
     assert login < 2.0
+    assert still_checking, "the flood ended before the submission: nothing was measured"
+    assert signing < 2.0, signing
+    assert b"DKIM-Signature:" in stored(relayd, submitted)
     assert set(outcome) == set(domains)
     for domain, (qid, elapsed) in outcome.items():
         # The whole transaction (SPF at MAIL included) within the checks' budget.
