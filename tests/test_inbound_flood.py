@@ -67,6 +67,7 @@ def zone() -> Iterator[DNSServer]:
             'sender.test TXT "v=spf1 ip4:127.0.0.0/8 -all"',
             '_dmarc.good.test TXT "v=DMARC1; p=none"',
         )
+        server.fault("silent.test", "timeout")
         for m in range(FLOODS):
             for i in range(SIGNATURES):
                 server.fault(f"s{i}._domainkey.flood{m}.test", "timeout")
@@ -196,6 +197,17 @@ def test_flood_of_signatures_is_bounded_and_logins_stay_fast(
         # Five lookups: the first five signatures; a resolver retry repeats a name, never adds one.
         assert sorted(set(names)) == sorted(f"s{i}._domainkey.{domain}" for i in range(5))
         assert len(names) <= 10
+
+
+def test_spf_that_never_answers_defers_within_the_budget(relayd: Relayd) -> None:
+    """SPF is part of the budget too: no answer means 451 4.7.24, in time, not after 20 s."""
+    with smtplib.SMTP("127.0.0.1", relayd.port("inbound"), timeout=30) as s:
+        s.ehlo("client.test")
+        started = time.monotonic()
+        code, text = s.mail("someone@silent.test")
+        elapsed = time.monotonic() - started
+    assert code == 451 and text.startswith(b"4.7.24"), (code, text)
+    assert elapsed < BUDGET + SLACK, elapsed
 
 
 def signed_by_good(key: bytes, subject: str) -> bytes:
