@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from relayd import __version__, dkim, log, systemd
+from relayd import __version__, dkim, log, systemd, workers
 from relayd import dns as relayd_dns
 from relayd.acceptor import AcceptorPool, worker_count
 from relayd.config import Config, ConfigError, check_files, load_config
@@ -312,12 +312,15 @@ def _recipient_checks(config: Config, prober: RecipientProber | None) -> Recipie
 
 
 async def _sign(signer: dkim.Signer, header: bytes, content: Content) -> bytes:
-    """The DKIM-Signature field(s) for ``header`` followed by the content's body, or b""."""
+    """The DKIM-Signature line(s) to prepend, b"" when no key matches.
+
+    Signing runs in its own pool (relayd.workers.SIGN): it never waits
+    behind inbound verification, and a password check never waits behind it.
+    """
     if not signer.domains or dkim.from_domain(header) not in signer.domains:
         return b""  # no key for it: no thread hop, no body read
-    message = header + content.read()[content.body_offset :]
     try:
-        fields = await signer.signature_async(message)
+        fields = await workers.SIGN.run(signer.signature_for, header, content)
     except Exception as exc:  # dkimpy raises its own types for bad input
         # A message dkimpy cannot parse is relayed unsigned rather than refused.
         log.event("cleanup", f"warning: not DKIM-signed: {exc}", level=logging.WARNING)

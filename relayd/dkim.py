@@ -1,9 +1,13 @@
-"""DKIM: sign outgoing mail with the operator's keys, verify incoming signatures.
+"""DKIM signing with the operator's keys, and the header helpers verification shares.
 
-:meth:`Signer.sign` returns the signed message (the ``DKIM-Signature:``
-field(s) on top), or None when no key matches, so the caller keeps the
-message as it was; :meth:`Signer.signature` returns only the fields, for a
-caller that would rather prepend them while writing.
+:meth:`Signer.signature_for` returns only the ``DKIM-Signature:`` field(s)
+to prepend, or None when no key matches the From: domain. It takes the
+header block as the session will store it and the received
+:class:`~relayd.smtpd.content.Content`, whose body it reads in bounded
+pieces: the body hash is computed by streaming canonicalization
+(relayd.bodyhash), and dkimpy only hashes the header block and signs.
+:meth:`Signer.sign` (whole message in, signed message out) remains for
+tools and tests.
 
 Keys are read once, when a :class:`Signer` is built; a reload builds a new
 Signer (:meth:`Signer.reload`) and swaps it in, so a message is signed with
@@ -12,36 +16,30 @@ plus Ed25519) each add a signature. Key files are PEM (PKCS#1 or PKCS#8 for
 RSA, PKCS#8 for Ed25519); the bare base64 Ed25519 seed that dkimpy's
 ``dknewkey`` writes is accepted too.
 
-RSA signing is CPU-bound: :meth:`Signer.sign_async` runs it in a thread.
-
-dkimpy reports every verification problem as "not valid"; :func:`verify`
-watches the key lookup itself so it can tell a DNS outage (temperror,
-worth a retry) from a missing or broken key (permerror) and from a
-signature that does not match (fail).
+Verification of inbound mail lives in relayd.dkimverify.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import importlib.util
 import os
 import re
+import time
 from collections.abc import Iterable
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from email.utils import getaddresses
 from pathlib import Path
 from typing import Literal
 
 import dkim
-import dns.resolver
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from relayd import dns as rdns
+from relayd.bodyhash import body_hash
 from relayd.config import DKIMConfig, DKIMKey
+from relayd.smtpd.content import Content
 
 KeyKind = Literal["rsa", "ed25519"]
 DKIMStatus = Literal["pass", "fail", "neutral", "temperror", "permerror", "none"]
@@ -68,11 +66,16 @@ class DKIMKeyError(Exception):
 
 @dataclass(frozen=True)
 class DKIMResult:
-    """One signature's outcome; ``domain``/``selector`` are its d= and s=."""
+    """One signature's outcome; ``domain``/``selector`` are its d= and s=.
+
+    ``comment`` goes into Authentication-Results as an RFC 8601 comment
+    (why a signature was not checked, or failed).
+    """
 
     domain: str
     selector: str
     result: DKIMStatus
+    comment: str = ""
 
 
 @dataclass(frozen=True)
@@ -209,49 +212,87 @@ class Signer:
     def domains(self) -> frozenset[str]:
         return frozenset(self._keys)
 
-    def signature(self, message: bytes, linesep: bytes = b"\r\n") -> bytes | None:
-        """Only the DKIM-Signature field(s) for ``message``, each ending in ``linesep``.
+    def signature_for(
+        self, header: bytes, content: Content, linesep: bytes = b"\r\n"
+    ) -> bytes | None:
+        """The DKIM-Signature field(s) for ``header`` + the body of ``content``.
 
+        ``header`` is the header block as it will be stored (whole lines, no
+        blank line); the body is read from ``content`` in bounded pieces.
         None when the From: domain (exactly one, compared case-insensitively)
-        has no key. Raises dkim.DKIMException for a message dkimpy cannot parse.
+        has no key. Raises dkim.DKIMException for a header dkimpy cannot parse.
         """
-        domain = from_domain(message)
+        domain = from_domain(header)
         keys = self._keys.get(domain, []) if domain else []
         if not keys:
             return None
-        include = signed_headers(message)
-        return b"".join(_sign_one(message, key, include, linesep) for key in keys)
+        start = min(content.body_offset + 2, content.size)
+        bodyhash = body_hash(content.chunks(start), relaxed=True)
+        include = signed_headers(header)
+        return b"".join(_sign_one(header, key, include, bodyhash, linesep) for key in keys)
+
+    def signature(self, message: bytes, linesep: bytes = b"\r\n") -> bytes | None:
+        """:meth:`signature_for` for a whole message in memory."""
+        content = Content.from_bytes(message)
+        return self.signature_for(content.header, content, linesep)
 
     def sign(self, message: bytes, linesep: bytes = b"\r\n") -> bytes | None:
         """The signed message (signature fields on top), or None when no key matches."""
         fields = self.signature(message, linesep)
         return None if fields is None else fields + message
 
-    async def signature_async(
-        self, message: bytes, linesep: bytes = b"\r\n", executor: Executor | None = None
-    ) -> bytes | None:
-        """:meth:`signature` in a thread, so RSA arithmetic does not stall the event loop."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(executor, self.signature, message, linesep)
 
-    async def sign_async(
-        self, message: bytes, linesep: bytes = b"\r\n", executor: Executor | None = None
-    ) -> bytes | None:
-        """:meth:`sign` in a thread, so RSA arithmetic does not stall the event loop."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(executor, self.sign, message, linesep)
+class _HeaderSigner(dkim.DKIM):  # type: ignore[misc]
+    """dkimpy's signer given the body hash instead of the body.
+
+    dkimpy's ``sign`` canonicalizes and hashes a body it holds in memory;
+    this mirrors its field list and hands the header hash and signature to
+    dkimpy's own ``gen_header``, so only the body handling differs.
+    """
+
+    def sign_with_bodyhash(
+        self, key: _LoadedKey, include: list[bytes], bodyhash: bytes
+    ) -> bytes:
+        self.signature_algorithm = key.algorithm
+        self.hasher = dkim.HASH_ALGORITHMS[key.algorithm]
+        policy = dkim.CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+        domain, selector = key.domain.encode("ascii"), key.selector.encode("ascii")
+        if b"from" not in include:
+            raise dkim.ParameterError("The From header field MUST be signed")
+        fields = [
+            (b"v", b"1"),
+            (b"a", key.algorithm),
+            (b"c", policy.to_c_value()),
+            (b"d", domain),
+            (b"i", b"@" + domain),
+            (b"q", b"dns/txt"),
+            (b"s", selector),
+            (b"t", str(int(time.time())).encode("ascii")),
+            (b"h", b" : ".join(include)),
+            (b"bh", base64.b64encode(bodyhash)),
+            (b"b", b"0" * 60),  # placeholder; dkimpy folds b= onto its own line
+        ]
+        value: bytes = self.gen_header(fields, include, policy, b"DKIM-Signature", _pk(key))
+        return b"DKIM-Signature: " + value
 
 
-def _sign_one(message: bytes, key: _LoadedKey, include: list[bytes], linesep: bytes) -> bytes:
-    signer = dkim.DKIM(message, signature_algorithm=key.algorithm, linesep=linesep)
-    signature: bytes = signer.sign(
-        key.selector.encode("ascii"),
-        key.domain.encode("ascii"),
-        key.private,
-        canonicalize=(b"relaxed", b"relaxed"),
-        include_headers=include,
-    )
-    return signature
+def _pk(key: _LoadedKey) -> object:
+    """The private key object dkimpy's ``gen_header`` signs with."""
+    if key.algorithm == b"ed25519-sha256":
+        import nacl.encoding
+        import nacl.signing
+
+        return nacl.signing.SigningKey(key.private, encoder=nacl.encoding.Base64Encoder)
+    from dkim.crypto import parse_pem_private_key
+
+    return parse_pem_private_key(key.private)
+
+
+def _sign_one(
+    header: bytes, key: _LoadedKey, include: list[bytes], bodyhash: bytes, linesep: bytes
+) -> bytes:
+    signer = _HeaderSigner(header + b"\r\n", signature_algorithm=key.algorithm, linesep=linesep)
+    return signer.sign_with_bodyhash(key, include, bodyhash)
 
 
 # -- keygen -----------------------------------------------------------------
@@ -357,85 +398,6 @@ def keygen(
     return record_line(domain, selector, record_value(key))
 
 
-# -- verify -----------------------------------------------------------------
-
-
-class _KeyWatch:
-    """Wraps the DNS lookup of one signature's key and remembers what went wrong."""
-
-    def __init__(self, resolver: dns.resolver.Resolver) -> None:
-        self._lookup = rdns.dkim_dnsfunc(resolver)
-        self.temporary = False
-        self.unusable = False
-
-    def __call__(self, name: bytes, timeout: float = 5.0) -> bytes | None:
-        try:
-            record = self._lookup(name, timeout=timeout)
-        except dkim.DnsTimeoutError:
-            self.temporary = True
-            raise
-        try:
-            dkim.evaluate_pk(name, record)
-        except (dkim.DKIMException, ValueError, TypeError, KeyError):
-            self.unusable = True
-        return record
-
-
-def _tag(signature: bytes, tag: bytes) -> str:
-    match = re.search(rb"(?:^|;)\s*" + tag + rb"\s*=\s*([^;\s]*)", signature)
-    return match.group(1).decode("ascii", "replace") if match else ""
-
-
-def _verify_one(
-    checker: dkim.DKIM, idx: int, header: bytes, resolver: dns.resolver.Resolver
-) -> DKIMResult:
-    domain, selector = _tag(header, b"d").lower(), _tag(header, b"s")
-    try:
-        prepared = checker.verify_headerprep(idx)
-    except dkim.DKIMException:  # malformed or expired signature field
-        prepared = False
-    if not prepared:
-        return DKIMResult(domain, selector, "permerror")
-    sig, include, sigheaders = prepared
-    watch = _KeyWatch(resolver)
-    try:
-        valid = checker.verify_sig(sig, include, sigheaders[idx], watch)
-    except dkim.ValidationError:  # body hash mismatch
-        return DKIMResult(domain, selector, "fail")
-    except dkim.DKIMException:
-        return DKIMResult(domain, selector, "permerror")
-    if valid:
-        return DKIMResult(domain, selector, "pass")
-    if watch.temporary:
-        return DKIMResult(domain, selector, "temperror")
-    return DKIMResult(domain, selector, "permerror" if watch.unusable else "fail")
-
-
-def verify(
-    message: bytes, resolver: dns.resolver.Resolver, timeout: float = 5.0
-) -> list[DKIMResult]:
-    """Check every DKIM-Signature, top first; ``[none]`` when there is no signature."""
-    try:
-        checker = dkim.DKIM(message, timeout=timeout)
-    except dkim.DKIMException:
-        return [DKIMResult("", "", "permerror")]
-    headers = [value for name, value in checker.headers if name.lower() == b"dkim-signature"]
-    if not headers:
-        return [DKIMResult("", "", "none")]
-    return [_verify_one(checker, idx, value, resolver) for idx, value in enumerate(headers)]
-
-
-async def verify_async(
-    message: bytes,
-    resolver: dns.resolver.Resolver,
-    timeout: float = 5.0,
-    executor: Executor | None = None,
-) -> list[DKIMResult]:
-    """:func:`verify` in a thread (its DNS lookups and RSA checks block)."""
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(executor, verify, message, resolver, timeout)
-
-
 __all__ = [
     "DKIMKeyError",
     "DKIMResult",
@@ -449,6 +411,4 @@ __all__ = [
     "record_line",
     "record_value",
     "signed_headers",
-    "verify",
-    "verify_async",
 ]

@@ -178,23 +178,54 @@ def exposed(tmp_path: Path) -> Relayd:
     return r
 
 
-def test_20mb_of_two_octet_lines_costs_little_memory_and_stalls_nobody(exposed: Relayd) -> None:
-    with exposed as r:
+SIGNED_BY_STRANGER = (
+    b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=example.org; s=s1;\r\n"
+    b" h=from:subject; bh=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=; b=AAAA\r\n"
+    b"From: someone@example.org\r\n"
+)
+
+
+@pytest.mark.parametrize("case", ["plain", "dkim-verified", "dkim-signed"])
+def test_20mb_of_two_octet_lines_costs_little_memory_and_stalls_nobody(
+    exposed: Relayd, case: str
+) -> None:
+    """Inbound from a stranger (DKIM verified when signed), or signed on the way out."""
+    r = exposed
+    head = b"Subject: short lines\r\n"
+    sender = "a@sender.test"
+    if case == "dkim-verified":
+        head = SIGNED_BY_STRANGER + head
+    if case == "dkim-signed":  # from a [relay] networks client, signed with our key
+        from relayd import dkim
+
+        dkim.keygen(r.root / "example.com.key", "example.com", "s1")
+        r.extra = r.extra.replace('"10.0.0.0/8"', '"127.0.0.0/8"') + (
+            f'[[dkim.key]]\ndomain = "example.com"\nselector = "s1"\n'
+            f'key_file = "{r.root / "example.com.key"}"\n'
+        )
+        r.write_config()
+        head = b"From: app@example.com\r\n" + head
+        sender = "app@example.com"
+    with r:
         r.start()
         assert raw_data(r.port("inbound"), b"Subject: warm-up\r\n\r\nhi\r\n").startswith("250")
         assert r.proc is not None
         before = vm_hwm(r.proc.pid)
-        message = b"Subject: short lines\r\n\r\n" + b"ab\r\n" * (5 * MB)  # 20 MB
+        message = head + b"\r\n" + b"ab\r\n" * (5 * MB)  # 20 MB
         with NoopProbe(r.port("inbound")) as probe:
-            reply = raw_data(r.port("inbound"), message)
+            reply = raw_data(r.port("inbound"), message, sender=sender)
         assert reply.startswith("250 2.0.0"), reply
         rise = vm_hwm(r.proc.pid) - before
-        print(f"20 MB of 2-octet lines: +{rise / MB:.0f} MB peak, NOOP worst {probe.worst:.3f}s")
+        print(f"20 MB, {case}: +{rise / MB:.0f} MB peak, NOOP worst {probe.worst:.3f}s")
         assert rise <= 100 * MB, f"peak RSS rose by {rise / MB:.0f} MB"
         assert probe.count > 0 and probe.worst <= 0.25, f"NOOP took {probe.worst:.3f}s"
         qid = reply.rsplit(" ", 1)[1]
         stored = Spool(r.spool).read_data(qid)
-        assert stored.endswith(message[len(b"Subject: short lines\r\n") :])
+        assert stored.endswith(b"\r\n\r\n" + b"ab\r\n" * (5 * MB))
+        if case == "dkim-verified":
+            assert b"dkim=fail" in stored.split(b"\r\n\r\n", 1)[0]
+        if case == "dkim-signed":
+            assert stored.startswith(b"Received:") and b"\r\nDKIM-Signature: " in stored
         assert list((r.spool / "tmp").iterdir()) == []
 
 

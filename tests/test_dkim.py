@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import re
 import stat
+import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,8 +15,12 @@ import dns.resolver
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from dkim.canonicalization import Relaxed, Simple
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support.dnsserver import DNSServer
 
+from relayd.bodyhash import Canonicalizer, canonical_body
 from relayd.config import DKIMConfig, DKIMKey, DNSConfig, HostPort
 from relayd.dkim import (
     DKIMKeyError,
@@ -24,10 +30,10 @@ from relayd.dkim import (
     keygen,
     public_record,
     signed_headers,
-    verify,
-    verify_async,
 )
-from relayd.dns import dkim_dnsfunc, make_sync_resolver
+from relayd.dkimverify import body_digests, check_all, plan, verify_content, verify_sync
+from relayd.dns import dkim_dnsfunc, make_resolver, make_sync_resolver
+from relayd.smtpd.content import Content
 
 MESSAGE = (
     b"From: Alice <alice@example.test>\r\n"
@@ -83,6 +89,11 @@ def signer_for(keys: dict[str, tuple[Path, str]], *names: str) -> Signer:
     selectors = {"rsa": "s1", "ed25519": "s2", "other": "s1"}
     domains = {"rsa": "example.test", "ed25519": "example.test", "other": "other.test"}
     return Signer([DKIMKey(domains[n], selectors[n], keys[n][0]) for n in names])
+
+
+def verify(message: bytes, resolver: dns.resolver.Resolver) -> list[DKIMResult]:
+    """relayd's verification of a message in memory."""
+    return verify_sync(Content.from_bytes(message), resolver)
 
 
 def dkimpy_verifies(message: bytes, resolver: dns.resolver.Resolver) -> bool:
@@ -210,15 +221,16 @@ def test_garbled_signature_is_permerror(resolver: dns.resolver.Resolver) -> None
     assert (result.domain, result.selector, result.result) == ("example.test", "s1", "permerror")
 
 
-def test_async_sign_and_verify(
-    keys: dict[str, tuple[Path, str]], resolver: dns.resolver.Resolver
+def test_async_verify_of_streamed_content(
+    keys: dict[str, tuple[Path, str]], dns_server: DNSServer
 ) -> None:
-    signer = signer_for(keys, "rsa")
+    signed = signer_for(keys, "rsa").sign(MESSAGE)
+    assert signed is not None
+    cfg = DNSConfig((HostPort("127.0.0.1", dns_server.port),), timeout=2.0)
 
     async def run() -> list[DKIMResult]:
-        signed = await signer.sign_async(MESSAGE)
-        assert signed is not None
-        return await verify_async(signed, resolver)
+        deadline = asyncio.get_running_loop().time() + 4.0
+        return await verify_content(Content.from_bytes(signed), make_resolver(cfg), deadline)
 
     assert asyncio.run(run()) == [DKIMResult("example.test", "s1", "pass")]
 
@@ -304,3 +316,182 @@ def test_from_domain_parsing() -> None:
     assert from_domain(b"From: a@one.test\r\nFrom: b@one.test\r\n\r\n") == "one.test"
     assert from_domain(b"From:\r\n a@folded.test\r\n\r\n") == "folded.test"
     assert from_domain(b"Subject: x\r\n\r\nFrom: a@body.test\r\n") is None
+
+
+# ---- streamed body hash against dkimpy ---------------------------------------------------
+
+# Bodies as SMTP delivers them: lines without CR or LF, joined by CRLF.
+LINE = st.lists(
+    st.sampled_from([b"a", b"b", b" ", b"\t", b"  ", b"\xc3\xa9", b"x" * 50]), max_size=12
+)
+BODY = st.tuples(st.lists(LINE.map(b"".join), max_size=25), st.booleans()).map(
+    lambda t: b"\r\n".join(t[0]) + (b"\r\n" if t[1] else b"")
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(BODY, st.lists(st.integers(1, 9), min_size=1, max_size=40))
+def test_streamed_canonicalization_equals_dkimpys(body: bytes, cuts: list[int]) -> None:
+    """Any split of the body into pieces gives dkimpy's canonical body, octet for octet."""
+    for relaxed, reference in ((False, Simple), (True, Relaxed)):
+        out: list[bytes] = []
+        canon = Canonicalizer(relaxed, out.append)
+        i = 0
+        for n in cuts * (len(body) // sum(cuts) + 1):
+            if i >= len(body):
+                break
+            canon.feed(body[i : i + n])
+            i += n
+        canon.end()
+        assert b"".join(out) == reference.canonicalize_body(body)
+
+
+def test_blank_runs_cost_linear_time() -> None:
+    """A megabyte of blanks with no line end: no quadratic regex backtracking."""
+    started = time.monotonic()
+    body = b" " * (1 << 20) + b"x" + b"\t" * (1 << 20) + b"\r\n"
+    for relaxed in (False, True):
+        assert len(canonical_body(body, relaxed)) >= 4
+    assert time.monotonic() - started < 5.0
+
+
+@pytest.fixture(scope="module")
+def fixed_key(keys: dict[str, tuple[Path, str]]) -> tuple[bytes, bytes]:
+    """(PEM private key, TXT record) of example.test s1, for checks without DNS."""
+    path, record = keys["rsa"]
+    return path.read_bytes(), zone_line(record).split(" TXT ", 1)[1].strip('"').encode()
+
+
+def relayd_verdicts(message: bytes, record: bytes) -> list[str]:
+    """relayd's results with ``record`` as every key: streamed body, dkimpy for the rest."""
+    content = Content.from_bytes(message)
+    the_plan = plan(content.header)
+    specs = [s.body for s in the_plan.signatures if s.body is not None]
+    digests = body_digests(content, specs, time.monotonic() + 60)
+    records: list[object] = [record] * len(the_plan.signatures)
+    return [r.result for r in check_all(the_plan, records, digests)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    BODY,
+    st.sampled_from([b"simple", b"relaxed"]),
+    st.sampled_from([b"simple", b"relaxed"]),
+    st.booleans(),
+    st.sampled_from([b"", b"tampered\r\n", b" \r\n", b"\r\n"]),
+)
+def test_verification_agrees_with_dkimpy(
+    fixed_key: tuple[bytes, bytes],
+    body: bytes,
+    canon_header: bytes,
+    canon_body: bytes,
+    length: bool,
+    appended: bytes,
+) -> None:
+    """Signed by dkimpy (any c=, with and without l=), maybe changed after: same verdict."""
+    key, record = fixed_key
+    message = b"From: a@example.test\r\nSubject: s\r\n\r\n" + body
+    signature = dkimpy.sign(
+        message, b"s1", b"example.test", key,
+        canonicalize=(canon_header, canon_body), include_headers=[b"from", b"subject"],
+        length=length,
+    )  # fmt: skip
+    received = signature + message + appended
+    try:
+        expected = dkimpy.DKIM(received).verify(dnsfunc=lambda name, timeout=5: record)
+    except dkimpy.ValidationError:  # dkimpy's way of saying "body hash mismatch"
+        expected = False
+    assert relayd_verdicts(received, record) == ["pass" if expected else "fail"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(BODY)
+def test_streamed_signature_verifies_with_dkimpy(
+    keys: dict[str, tuple[Path, str]], fixed_key: tuple[bytes, bytes], body: bytes
+) -> None:
+    """relayd signs with a streamed body hash; dkimpy, holding the whole message, agrees."""
+    _, record = fixed_key
+    message = b"From: Alice <alice@example.test>\r\nTo: b@remote.test\r\n\r\n" + body
+    content = Content.from_bytes(message)
+    fields = signer_for(keys, "rsa").signature_for(content.header, content)
+    assert fields is not None
+    assert dkimpy.DKIM(fields + message).verify(dnsfunc=lambda name, timeout=5: record)
+
+
+def test_only_the_first_five_signatures_are_checked(
+    keys: dict[str, tuple[Path, str]], resolver: dns.resolver.Resolver
+) -> None:
+    signed = signer_for(keys, "rsa").sign(MESSAGE)
+    assert signed is not None
+    # Five broken signatures on top: the valid one is the sixth, not checked.
+    broken = b"".join(
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=example.test; s=s7; h=from; bh=AAAA; b=AAAA\r\n"
+        for _ in range(5)
+    )
+    results = verify(broken + signed, resolver)
+    assert [r.result for r in results] == ["fail"] * 5 + ["neutral"]  # bh= does not match
+    assert results[-1].comment.startswith("not checked: 1 more signature")
+    # Among the first five it verifies.
+    results = verify(broken[: len(broken) * 4 // 5] + signed, resolver)
+    assert [r.result for r in results] == ["fail"] * 4 + ["pass"]
+
+
+def test_twenty_megabytes_from_a_file_verify_in_bounded_memory(
+    keys: dict[str, tuple[Path, str]], fixed_key: tuple[bytes, bytes], tmp_path: Path
+) -> None:
+    """The body is read in chunks: memory stays far below the message's size."""
+    _, record = fixed_key
+    head = b"From: Alice <alice@example.test>\r\nTo: b@remote.test\r\nSubject: big\r\n"
+    path = tmp_path / "big.eml"
+    with path.open("wb") as f:
+        f.write(head + b"\r\n")
+        for _ in range(20):
+            f.write(b"ab\r\n" * (1 << 18))  # 20 MB of 2-octet lines
+    size = path.stat().st_size
+    body = Content(header=head, size=size, path=str(path))
+    tracemalloc.start()
+    try:
+        fields = signer_for(keys, "rsa").signature_for(head, body)
+        assert fields is not None
+        signed = Content(header=fields + head, size=size + len(fields), path=None)
+        # The signed message is the file with the signature on top; verify that.
+        signed_path = tmp_path / "signed.eml"
+        with signed_path.open("wb") as out, path.open("rb") as src:
+            out.write(fields)
+            while piece := src.read(1 << 20):
+                out.write(piece)
+        signed.path = str(signed_path)
+        tracemalloc.reset_peak()
+        the_plan = plan(signed.header)
+        specs = [s.body for s in the_plan.signatures if s.body is not None]
+        digests = body_digests(signed, specs, time.monotonic() + 60)
+        results = check_all(the_plan, [record], digests)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [r.result for r in results] == ["pass"]
+    print(f"verification of {size} octets: peak {peak / 1e6:.1f} MB traced")
+    assert peak < 16e6, peak
+
+
+TAG_VALUE = st.sampled_from(
+    [b"v=1", b"a=rsa-sha256", b"a=rsa-sha1", b"a=x", b"c=relaxed/simple", b"c=bogus",
+     b"d=example.test", b"d=\xff\xfe", b"d=" + b"x" * 300, b"s=s1", b"s=", b"h=from",
+     b"h=", b"bh=AAAA", b"bh=!!", b"b=AAAA", b"b=", b"l=3", b"l=-1", b"l=99999999999",
+     b"x=1", b"t=9999999999", b"i=@other.test", b"=", b";", b"q=dns/txt"]
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(TAG_VALUE, max_size=12).map(b"; ".join), max_size=8), st.booleans())
+def test_hostile_signature_fields_never_raise(fields: list[bytes], has_key: bool) -> None:
+    """Whatever the tags, every checked signature gets a result and nothing escapes."""
+    header = b"".join(b"DKIM-Signature: " + f + b"\r\n" for f in fields) + b"From: a@b.test\r\n"
+    content = Content.from_bytes(header + b"\r\nbody\r\n")
+    the_plan = plan(content.header)
+    specs = [s.body for s in the_plan.signatures if s.body is not None]
+    digests = body_digests(content, specs, time.monotonic() + 60)
+    record = b"v=DKIM1; k=rsa; p=bm90IGEga2V5" if has_key else None
+    results = check_all(the_plan, [record] * len(the_plan.signatures), digests)
+    assert len(results) == min(len(fields), 5)
+    assert all(r.result in ("fail", "permerror", "temperror") for r in results)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import pytest
 from support.dnsserver import DNSServer
 
 from relayd.config import DKIMKey, DMARCConfig, DNSConfig, HostPort
-from relayd.dkim import DKIMResult, Signer, from_domain, keygen, verify
+from relayd.dkim import DKIMResult, Signer, from_domain, keygen
+from relayd.dkimverify import verify_sync
 from relayd.dns import make_resolver, make_sync_resolver
 from relayd.policy.dmarc import (
     DMARCRecord,
@@ -30,6 +32,7 @@ from relayd.policy.dmarc import (
 from relayd.policy.spf import SPFResult
 from relayd.policy.verdict import Refuse
 from relayd.smtpd.authresults import authentication_results, authserv_id, strip_forged
+from relayd.smtpd.content import Content
 
 TAG = DMARCConfig(on_reject="tag")
 REJECT = DMARCConfig(on_reject="reject")
@@ -214,13 +217,12 @@ def test_end_to_end_with_a_real_signature(
     message = b"From: a@reject.test\r\nTo: b@x.test\r\nSubject: s\r\n\r\nhi\r\n"
     signed = Signer([DKIMKey("reject.test", "e2e", tmp_path / "k.pem")]).sign(message)
     assert signed is not None
-    dkim = verify(signed, resolver)
+    dkim = verify_sync(Content.from_bytes(signed), resolver)
     result = check_dmarc(resolver, from_domain(signed), None, dkim)
     assert result.result == "pass"
     forged = message.replace(b"hi", b"pay me")
-    assert check_dmarc(resolver, from_domain(forged), None, verify(forged, resolver)).result == (
-        "fail"
-    )
+    forged_dkim = verify_sync(Content.from_bytes(forged), resolver)
+    assert check_dmarc(resolver, from_domain(forged), None, forged_dkim).result == "fail"
 
 
 # -- Authentication-Results -----------------------------------------------------
@@ -286,3 +288,29 @@ def test_authserv_id() -> None:
     assert authserv_id(b" Mail.Example.COM; spf=pass") == "mail.example.com"
     assert authserv_id(b" mail.example.com 1; none") == "mail.example.com"
     assert authserv_id(b' (c) "mail.example.com"; none') == "mail.example.com"
+
+
+@pytest.mark.parametrize("ours", ["mx.local.test", "MX.local.test.", "mx.local.test."])
+def test_strip_forged_on_a_header_block(ours: str) -> None:
+    """The session's call: a header block without body; folding, case, dots, nested comments."""
+    header = (
+        b"Received: from x\r\n"
+        b"AUTHENTICATION-RESULTS : Mx.Local.Test.;\r\n\tdkim=pass\r\n"
+        b"Authentication-Results:\r\n (a (nested) comment)\r\n  mx.local.test (c); spf=pass\r\n"
+        b"Authentication-Results: mx.local.test.evil.test; spf=pass\r\n"
+        b"Authentication-Results: (mx.local.test) other.test; spf=pass\r\n"
+        b"Subject: hi\r\n"
+    )
+    assert strip_forged(header, ours) == (
+        b"Received: from x\r\n"
+        b"Authentication-Results: mx.local.test.evil.test; spf=pass\r\n"
+        b"Authentication-Results: (mx.local.test) other.test; spf=pass\r\n"
+        b"Subject: hi\r\n"
+    )
+
+
+def test_authserv_id_after_deeply_nested_comments_is_linear() -> None:
+    value = b" " + b"(" * 50_000 + b")" * 50_000 + b" mx.local.test; none"
+    started = time.monotonic()
+    assert authserv_id(value) == "mx.local.test"
+    assert time.monotonic() - started < 2.0

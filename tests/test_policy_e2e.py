@@ -302,6 +302,24 @@ def test_ed25519_key_signs_and_verifies(outbound: tuple[Relayd, MXServer], zone:
 # ---- inbound: SPF and DMARC on mail from the Internet -------------------------------------
 
 
+def test_forged_authentication_results_are_removed_from_submitted_mail(
+    outbound: tuple[Relayd, MXServer], zone: DNSServer
+) -> None:
+    """Our own users' mail too: a downstream filter trusts our authserv-id."""
+    r, mx = outbound
+    forged = (
+        f"Authentication-Results: {HOSTNAME.upper()}.;\r\n\tdkim=pass header.d=bank.test\r\n"
+        "Authentication-Results: mx.other.example; spf=pass smtp.mailfrom=x.test\r\n"
+    ).encode()
+    message = forged + msg("alice@example.com", "forged-ar-submission")
+    r.submit("alice@example.com", PASSWORD, "alice@example.com", ["bob@example.org"], message)
+    got = delivered(mx, "forged-ar-submission")
+    fields = values(email.message_from_bytes(got.data), "Authentication-Results")
+    assert fields == ["mx.other.example; spf=pass smtp.mailfrom=x.test"]
+    # Signed after the removal: the signature covers what was delivered.
+    assert dkimpy_verifies(got.data, zone)
+
+
 def inbound_relayd(root: Path, zone: DNSServer, extra: str) -> Relayd:
     r = Relayd(root, dns_address=zone.address, extra=INBOUND + extra)
     r.add_user("alice@bad.test", PASSWORD)

@@ -9,8 +9,11 @@ checks with different resolvers (e.g. across a reload) can run at once in
 different threads. The hook never calls dnspython's deprecated
 ``dns.resolver.query``, which pyspf's own hook does.
 
-pyspf is synchronous; :func:`check_spf_async` runs it in a thread with a
-deadline, so a slow DNS server never stalls other sessions.
+pyspf is synchronous; :func:`check_spf_async` runs it in the dedicated
+``relayd.workers.SPF`` pool (never asyncio's default executor) with a
+deadline, so a slow DNS server never stalls other sessions or password
+checks. The ``Received-SPF:`` field is folded (relayd.fold): a long HELO
+or sender cannot make a line over 998 octets.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import re
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +28,9 @@ import dns.resolver
 import spf
 
 from relayd import dns as rdns
+from relayd import workers
 from relayd.config import SPFConfig
+from relayd.fold import fold
 from relayd.policy.verdict import Refuse, Verdict
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
@@ -129,17 +133,16 @@ async def check_spf_async(
     mail_from: str,
     resolver: dns.resolver.Resolver,
     timeout: float = DEFAULT_TIMEOUT,
-    executor: Executor | None = None,
 ) -> SPFResult:
-    """:func:`check_spf` in a thread; past ``timeout`` the answer is temperror.
+    """:func:`check_spf` in the SPF pool; past ``timeout`` the answer is temperror.
 
-    The thread is not killed at the deadline, but its own lookups are bounded
-    by the same timeout, so it ends soon after.
+    ``timeout`` covers the wait for a free thread too. The thread is not
+    killed at the deadline, but its own lookups are bounded by the same
+    timeout, so it ends soon after.
     """
-    loop = asyncio.get_running_loop()
-    job = loop.run_in_executor(executor, check_spf, ip, helo, mail_from, resolver, timeout)
     try:
-        return await asyncio.wait_for(job, timeout)
+        async with asyncio.timeout(timeout):
+            return await workers.SPF.run(check_spf, ip, helo, mail_from, resolver, timeout)
     except TimeoutError:
         identity, domain = identity_of(helo, mail_from)
         return SPFResult("temperror", "SPF check timed out", identity, domain)
@@ -228,6 +231,13 @@ def received_spf_header(
     return f"{result.result} ({comment}) " + "; ".join(pairs)
 
 
+def received_spf_field(
+    result: SPFResult, hostname: str, ip: str, helo: str, mail_from: str
+) -> bytes:
+    """The whole ``Received-SPF:`` field, folded, ending in CRLF."""
+    return fold("Received-SPF", received_spf_header(result, hostname, ip, helo, mail_from))
+
+
 __all__ = [
     "DEFAULT_TIMEOUT",
     "RESULTS",
@@ -235,6 +245,7 @@ __all__ = [
     "check_spf",
     "check_spf_async",
     "identity_of",
+    "received_spf_field",
     "received_spf_header",
     "spf_verdict",
 ]

@@ -13,6 +13,7 @@ import re
 from collections.abc import Sequence
 
 from relayd.dkim import DKIMResult
+from relayd.fold import fold
 from relayd.policy.dmarc import DMARCResult
 from relayd.policy.spf import SPFResult
 
@@ -37,10 +38,18 @@ def _spf(result: SPFResult) -> str:
     return f"spf={result.result} {prop}={_value(result.domain)}"
 
 
+def _comment(text: str) -> str:
+    """An RFC 8601 comment: ASCII, no parentheses or backslashes to escape it."""
+    text = _CONTROL.sub("", text).encode("ascii", "replace").decode("ascii")
+    return "(" + re.sub(r"[()\\]", "", text) + ")"
+
+
 def _dkim(result: DKIMResult) -> str:
-    if result.result == "none":
-        return "dkim=none"
-    parts = [f"dkim={result.result}", f"header.d={_value(result.domain)}"]
+    parts = [f"dkim={result.result}"]
+    if result.comment:
+        parts.append(_comment(result.comment))
+    if result.domain:
+        parts.append(f"header.d={_value(result.domain)}")
     if result.selector:
         parts.append(f"header.s={_value(result.selector)}")
     return " ".join(parts)
@@ -71,16 +80,42 @@ def authentication_results(
     return "; ".join([_value(hostname), *(results or ["none"])])
 
 
+def field(
+    hostname: str,
+    spf: SPFResult | None = None,
+    dkim: Sequence[DKIMResult] = (),
+    dmarc: DMARCResult | None = None,
+) -> bytes:
+    """The whole ``Authentication-Results:`` field, folded, ending in CRLF."""
+    return fold("Authentication-Results", authentication_results(hostname, spf, dkim, dmarc))
+
+
 def authserv_id(value: bytes) -> str:
     """The authserv-id an Authentication-Results value names (lower case)."""
-    text = value.decode("utf-8", "replace")
-    text = re.sub(r"\([^()]*\)", " ", text).strip()  # comments before the id
+    text = _skip_cfws(value.decode("utf-8", "replace"))
     if text.startswith('"'):
         match = re.match(r'"((?:[^"\\]|\\.)*)"', text)
         ident = re.sub(r"\\(.)", r"\1", match.group(1)) if match else ""
     else:
-        ident = re.split(r"[\s;]", text, maxsplit=1)[0]
+        ident = re.split(r"[\s;(]", text, maxsplit=1)[0]
     return ident.strip().rstrip(".").lower()
+
+
+def _skip_cfws(text: str) -> str:
+    """``text`` after leading blanks and (nested) comments, in one linear pass."""
+    i, depth = 0, 0
+    while i < len(text):
+        char = text[i]
+        if char == "(":
+            depth += 1
+        elif char == ")" and depth:
+            depth -= 1
+        elif char == "\\" and depth:
+            i += 1  # a quoted-pair inside a comment
+        elif depth == 0 and char not in " \t\r\n":
+            break
+        i += 1
+    return text[i:]
 
 
 def _fields(head: list[bytes]) -> list[tuple[bytes, list[bytes]]]:
@@ -95,12 +130,16 @@ def _fields(head: list[bytes]) -> list[tuple[bytes, list[bytes]]]:
     return fields
 
 
-def strip_forged(message: bytes, hostname: str) -> bytes:
-    """``message`` without Authentication-Results fields that claim ``hostname``.
+def strip_forged(header_block: bytes, hostname: str) -> bytes:
+    """``header_block`` without Authentication-Results fields that claim ``hostname``.
 
-    Comparison of the authserv-id is case-insensitive. The body and every
-    other header line are passed through byte for byte.
+    Works on a header block (all lines are header) or a whole message (the
+    body, after the first empty line, is left alone). A field is matched
+    however it is folded, whatever the case of its name or authserv-id, and
+    with or without a trailing dot on either hostname. Every other line is
+    passed through byte for byte.
     """
+    message = header_block
     lines = _LINE.findall(message)
     end = next((i for i, line in enumerate(lines) if line in (b"\r\n", b"\n")), len(lines))
     ours = hostname.rstrip(".").lower()
@@ -114,4 +153,4 @@ def strip_forged(message: bytes, hostname: str) -> bytes:
     return b"".join(kept + lines[end:])
 
 
-__all__ = ["authentication_results", "authserv_id", "strip_forged"]
+__all__ = ["authentication_results", "authserv_id", "field", "strip_forged"]

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime, formatdate
 
+from relayd.fold import fold
+
 
 @dataclass(frozen=True)
 class TraceInfo:
@@ -57,24 +59,28 @@ def has_header(headers: bytes, name: str) -> bool:
 
 
 def received(info: TraceInfo, now: float | None = None) -> bytes:
-    """A ``Received:`` field in the usual MTA shape (RFC 5321 §4.4)."""
+    """A ``Received:`` field in the usual MTA shape (RFC 5321 §4.4), folded.
+
+    The HELO name and the recipient are the client's words: whatever their
+    length, relayd.fold keeps every line under 998 octets.
+    """
     proto = "ESMTP" if info.esmtp else "SMTP"
     if info.tls_version:
         proto += "S"
     if info.authenticated:
         proto += "A"
     ip = f"IPv6:{info.client_ip}" if ":" in info.client_ip else info.client_ip
-    lines = [f"Received: from {_clean(info.helo) or 'unknown'} ([{ip}])"]
+    clauses = [f"from {_clean(info.helo) or 'unknown'} ([{ip}])"]
     if info.tls_version:
-        lines.append(f"\t(using {info.tls_version} with cipher {info.tls_cipher})")
-    lines.append(f"\tby {info.hostname} (relayd) with {proto} id {info.queue_id}")
+        clauses.append(f"(using {info.tls_version} with cipher {info.tls_cipher})")
+    clauses.append(f"by {info.hostname} (relayd) with {proto} id {info.queue_id}")
     date = formatdate(now if now is not None else time.time(), localtime=False)
     if info.recipient:
-        lines.append(f"\tfor <{info.recipient}>; {date}")
+        clauses.append(f"for <{info.recipient}>; {date}")
     else:
-        lines[-1] += ";"
-        lines.append(f"\t{date}")
-    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
+        clauses[-1] += ";"
+        clauses.append(date)
+    return fold("Received", "\t".join(clauses))  # a TAB: each clause on its own line
 
 
 def _clean(text: str) -> str:

@@ -33,7 +33,14 @@ class ClientInfo:
 
 
 class Checks(Protocol):
-    """Content and sender checks that need DNS (SPF, DKIM verification, DMARC)."""
+    """Content and sender checks that need DNS (SPF, DKIM verification, DMARC).
+
+    ``at_data`` returns the header lines to prepend (Authentication-Results),
+    never a whole message: the message itself stays where the session put it
+    (memory or a spool file) and is only read, in chunks, through ``content``.
+    Stripping forged Authentication-Results is the session's job, for every
+    client (relayd.smtpd.authresults.strip_forged on ``content.header``).
+    """
 
     async def at_mail(
         self, client: ClientInfo, helo: str, sender: Address | None, trusted: bool
@@ -50,7 +57,7 @@ class Checks(Protocol):
         content: Content,
         state: object,
     ) -> tuple[Verdict, bytes]:
-        """A refusal, and the header lines (Authentication-Results) to put on top."""
+        """A refusal, and the header lines to prepend (b"" for none)."""
         ...
 
 
@@ -136,7 +143,9 @@ class Services:
     # The message is the bytes, then the rest of a file (a large message) when given.
     enqueue: Callable[[Envelope, bytes, Tail | None], Awaitable[None]]
     sender_verdict: Callable[[str, str], Verdict]
-    # DKIM-Signature field(s) for the header block given, followed by the content's body.
+    # sign(header, content): the DKIM-Signature line(s) to prepend for the
+    # message header + content's body (b"" when no key matches); the header
+    # is the block as it will be stored, after the session's own fixups.
     sign: Callable[[bytes, Content], Awaitable[bytes]]
     checks: Checks = field(default_factory=NoChecks)
     recipients: RecipientCheck = field(default_factory=NoRecipientCheck)
