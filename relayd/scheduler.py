@@ -222,6 +222,10 @@ class Scheduler:
         self._wake.set()
         return unknown
 
+    def in_flight(self) -> int:
+        """Messages with a delivery attempt running now."""
+        return len(self._tasks)
+
     @property
     def paused(self) -> bool:
         return self._paused

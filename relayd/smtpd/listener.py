@@ -142,18 +142,39 @@ class Listeners:
             server.close()
         self._servers.clear()
 
-    async def drain(self, timeout: float) -> None:
-        """Wait for open sessions to finish, then cut the rest."""
+    async def drain(self, timeout: float) -> int:
+        """Close idle sessions now; give those sending a message ``timeout``, then cut them.
+
+        A session between messages loses nothing by a 421 (the client retries
+        what it had not sent), so only a message under way (MAIL given, or
+        DATA being received) is waited for. Returns how many were cut short.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while self.active_sessions and loop.time() < deadline:
+        self._close_idle()
+        while self._receiving() and loop.time() < deadline:
             await asyncio.sleep(0.05)
+            self._close_idle()
+        cut = len(self._receiving())
         for session in list(self._sessions):
-            transport = session.transport
-            if writable(transport):
-                with contextlib.suppress(Exception):
-                    transport.write(b"421 4.3.2 Service shutting down\r\n")
-                    transport.close()
+            _say_goodbye(session)
+        return cut
+
+    def _receiving(self) -> list[Session]:
+        return [s for s in self._sessions if s.transport is not None and s.sending_message]
+
+    def _close_idle(self) -> None:
+        for session in list(self._sessions):
+            if not session.sending_message:
+                _say_goodbye(session)
+
+
+def _say_goodbye(session: Session) -> None:
+    transport = session.transport
+    if writable(transport) and not transport.is_closing():
+        with contextlib.suppress(Exception):
+            transport.write(b"421 4.3.2 Service shutting down\r\n")
+            transport.close()
 
 
 def _take_inherited(

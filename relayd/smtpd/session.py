@@ -119,6 +119,7 @@ class Session(SMTP):  # type: ignore[misc]
         self.check_state: object = None
         self.refusal: Refuse | None = None
         self.counts: Counter[str] = Counter()
+        self.in_data = False  # receiving or committing a message: a stop waits for it
         self._raw_replies = True  # the greeting carries no enhanced code
         self._tls_version: str | None = None  # for metrics, once TLS is up
         self._connected = False
@@ -298,6 +299,11 @@ class Session(SMTP):  # type: ignore[misc]
 
     async def smtp_EXPN(self, arg: str | None) -> None:
         await self.push("502 5.5.1 EXPN not available")
+
+    @property
+    def sending_message(self) -> bool:
+        """A message is under way (MAIL accepted, or DATA being read): a stop waits for it."""
+        return self.in_data or self.queue_id is not None
 
     def _reset_transaction(self) -> None:
         self._set_rset_state()  # type: ignore[no-untyped-call]
@@ -556,6 +562,14 @@ class Session(SMTP):  # type: ignore[misc]
             await self.push("501 5.5.4 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        self.in_data = True
+        try:
+            await self._receive()
+        finally:
+            self.in_data = False
+
+    async def _receive(self) -> None:
+        """Read the message, decide, and answer: the part a stop waits for."""
         result = await dataread.read_data(
             self._reader,
             self.services.config.limits.max_message_size,
