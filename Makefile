@@ -4,6 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 EXTRAS ?= dev
+PORT_BASE ?= 2500
 
 .PHONY: run test lint bench install uninstall clean
 
@@ -13,9 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
-## run: relayd in the foreground on 127.0.0.1:2525/2587/2465, state under ./var
+## run: relayd in the foreground on 127.0.0.1:2525/2587/2465 (PORT_BASE=2500), state under ./var
 run: $(STAMP)
-	$(BIN)/python -m relayd.dev var
+	PORT_BASE=$(PORT_BASE) $(BIN)/python -m relayd.dev var
 	$(BIN)/relayd --config var/relayd.toml
 
 ## test: the whole test suite

@@ -18,12 +18,24 @@ from relayd.config import DEFAULT_PATH, Config, ConfigError, check_files, load_c
 EX_CONFIG = 78
 
 
+DEV_PATH = Path("var/relayd.toml")  # what `make run` writes, in a source checkout
+
+
 def config_path(arg: str | None) -> Path:
-    """``--config`` beats ``$RELAYD_CONFIG`` beats /etc/relayd.toml (SPEC §1)."""
+    """``--config`` beats ``$RELAYD_CONFIG`` beats /etc/relayd.toml (SPEC §1).
+
+    Extension: where /etc/relayd.toml does not exist but ./var/relayd.toml
+    does (a checkout started with `make run`), that one is used, so the
+    README's commands work as written on a developer's machine.
+    """
     if arg:
         return Path(arg)
     env = os.environ.get("RELAYD_CONFIG")
-    return Path(env) if env else DEFAULT_PATH
+    if env:
+        return Path(env)
+    if not DEFAULT_PATH.exists() and DEV_PATH.is_file():
+        return DEV_PATH
+    return DEFAULT_PATH
 
 
 def load_checked(path: Path) -> tuple[Config | None, list[str], list[str]]:

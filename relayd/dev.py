@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 import secrets
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 HOSTNAME = "localhost"
+DEFAULT_PORT_BASE = 2500
 
 CONFIG = """\
 # relayd development config, written by `make run`. See etc/relayd.toml for every key.
@@ -28,19 +30,19 @@ hostname = "{hostname}"
 
 [[listener]]
 name = "inbound"
-address = "127.0.0.1:2525"
+address = "127.0.0.1:{inbound}"
 mode = "inbound"
 tls = "starttls"
 
 [[listener]]
 name = "submission"
-address = "127.0.0.1:2587"
+address = "127.0.0.1:{submission}"
 mode = "submission"
 tls = "starttls"
 
 [[listener]]
 name = "submissions"
-address = "127.0.0.1:2465"
+address = "127.0.0.1:{submissions}"
 mode = "submission"
 tls = "implicit"
 
@@ -64,12 +66,12 @@ socket = "run/sendmail.sock"
 target = "stderr"
 
 # Safe by default: nothing leaves this machine. All outbound mail is routed
-# to 127.0.0.1:2526, where nothing listens, so it stays in the queue for
+# to 127.0.0.1:{outbound}, where nothing listens, so it stays in the queue for
 # `relayctl queue` to show. Point "via" at a test SMTP server (for example
-# `smtp-sink 127.0.0.1:2526 100`), or delete this route to deliver by MX.
+# `smtp-sink 127.0.0.1:{outbound} 100`), or delete this route to deliver by MX.
 [[route]]
 domain = "*"
-via = "127.0.0.1:2526"
+via = "127.0.0.1:{outbound}"
 tls = "none"
 """
 
@@ -105,7 +107,13 @@ def self_signed(cert_path: Path, key_path: Path, hostname: str) -> None:
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def setup(root: Path) -> str:
+def ports(base: int) -> dict[str, int]:
+    """The dev ports from a base: 2500 gives 2525, 2587, 2465 and 2526 (outbound)."""
+    return {"inbound": base + 25, "submission": base + 87, "submissions": base - 35,
+            "outbound": base + 26}
+
+
+def setup(root: Path, base: int = DEFAULT_PORT_BASE) -> str:
     """Create what is missing under ``root``; return the dev user's password."""
     from relayd import users
 
@@ -116,7 +124,12 @@ def setup(root: Path) -> str:
         self_signed(cert, key, HOSTNAME)
     config = root / "relayd.toml"
     if not config.exists():
-        config.write_text(CONFIG.format(hostname=HOSTNAME))
+        config.write_text(CONFIG.format(hostname=HOSTNAME, **ports(base)))
+    elif f"127.0.0.1:{ports(base)['inbound']}" not in config.read_text():
+        print(
+            f"note: {config} exists with other ports; remove it to use PORT_BASE={base}",
+            file=sys.stderr,
+        )
     secret = root / "dev-password"
     if not secret.exists():
         password = secrets.token_urlsafe(12)
@@ -127,19 +140,22 @@ def setup(root: Path) -> str:
 
 
 def main() -> int:
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else "var").resolve()
-    password = setup(root)
     rel = Path(sys.argv[1] if len(sys.argv) > 1 else "var")
+    root = rel.resolve()
+    base = int(os.environ.get("PORT_BASE") or DEFAULT_PORT_BASE)
+    password = setup(root, base)
+    p = ports(base)
     print(
         f"""relayd development instance ({rel}/relayd.toml)
-  inbound     127.0.0.1:2525  (STARTTLS optional)
-  submission  127.0.0.1:2587  (STARTTLS, then AUTH)
-  submissions 127.0.0.1:2465  (implicit TLS, AUTH)
+  inbound     127.0.0.1:{p["inbound"]}  (STARTTLS optional)
+  submission  127.0.0.1:{p["submission"]}  (STARTTLS, then AUTH)
+  submissions 127.0.0.1:{p["submissions"]}  (implicit TLS, AUTH)
   user dev, password {password}   (may send as any address)
   outbound mail stays queued (see the [[route]] in {rel}/relayd.toml)
-Try: swaks --server 127.0.0.1:2587 --tls --auth-user dev --auth-password {password} \\
-       --from you@localhost --to someone@example.org
-     .venv/bin/relayctl --config {rel}/relayd.toml queue
+Try: swaks --server 127.0.0.1:{p["submission"]} --tls --auth-user dev \\
+       --auth-password {password} --from you@localhost --to someone@example.org
+     .venv/bin/relayctl queue      (from this directory it finds {rel}/relayd.toml)
+Elsewhere: export RELAYD_CONFIG={root}/relayd.toml
 (swaks needs libnet-ssleay-perl for --tls)
 """,
         flush=True,
