@@ -32,6 +32,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 ListenerMode = Literal["submission", "inbound"]
 ListenerTLS = Literal["none", "starttls", "implicit"]
 RouteTLS = Literal["starttls", "implicit", "none"]
+RouteTransport = Literal["smtp", "lmtp", "maildir"]
 DeliveryTLS = Literal["opportunistic", "required", "verify", "none"]
 SPFAction = Literal["reject", "tag"]
 DMARCAction = Literal["tag", "reject"]
@@ -134,6 +135,17 @@ class Route:
     tls: RouteTLS = "starttls"
     tls_verify: bool = True
     ca_file: Path | None = None
+    # How: "smtp" to ``via``; "lmtp" to ``via`` or to the Unix socket ``path``;
+    # "maildir" into the Maildir ``path`` (SPEC §9: via = "lmtp:..." / "maildir:...").
+    transport: RouteTransport = "smtp"
+    path: Path | None = None
+
+    @property
+    def via_text(self) -> str:
+        """``via`` as the config writes it."""
+        if self.transport == "smtp":
+            return str(self.via)
+        return f"{self.transport}:{self.path if self.path is not None else self.via}"
 
 
 @dataclass(frozen=True)
@@ -1286,13 +1298,43 @@ def _read_routes(loader: _Loader) -> tuple[Route, ...]:
     return tuple(routes)
 
 
+_VIA_EXAMPLE = (
+    '"smtp.example.net:587", "lmtp:127.0.0.1:24", "lmtp:/run/dovecot/lmtp" '
+    'or "maildir:/var/mail/example.com"'
+)
+
+
+def _via(base: Path) -> Callable[[object], tuple[RouteTransport, HostPort, Path | None]]:
+    """``via``: host:port (SMTP), lmtp:host:port, lmtp:/socket or maildir:/directory."""
+    smtp = _host_port("smtp.example.net:587", 25)
+    path = _path(base)
+
+    def parse(value: object) -> tuple[RouteTransport, HostPort, Path | None]:
+        text = _string(value).strip()
+        scheme, colon, rest = text.partition(":")
+        if colon and scheme == "maildir":
+            if not rest:
+                raise _Bad(f"maildir: needs a directory, e.g. {_VIA_EXAMPLE}")
+            return "maildir", HostPort("localhost", 0), path(rest)
+        if colon and scheme == "lmtp":
+            if rest.startswith(("/", ".")):
+                return "lmtp", HostPort("localhost", 0), path(rest)
+            return "lmtp", _host_port("127.0.0.1:24", 24)(rest), None
+        return "smtp", smtp(value), None
+
+    return parse
+
+
 def _read_route(loader: _Loader, section: _Section) -> Route | None:
     section.check_unknown()
     domain = section.get("domain", _route_domain, "*")
-    via = section.require("via", _host_port("smtp.example.net:587", 25), '"smtp.example.net:587"')
+    parsed = section.require("via", _via(loader.base), '"smtp.example.net:587"')
+    transport, via, path = parsed or ("smtp", None, None)
     route = Route(
         domain=domain,
         via=via or HostPort("invalid", 25),
+        transport=transport,
+        path=path,
         username=section.get("username", _string, None),
         password_file=section.get("password_file", loader.path(), None),
         tls=section.get("tls", _choice(_ROUTE_TLS), "starttls"),
@@ -1300,7 +1342,7 @@ def _read_route(loader: _Loader, section: _Section) -> Route | None:
         ca_file=section.get("ca_file", loader.path(), None),
     )
     _check_route_auth(section, route)
-    return route if via is not None else None
+    return route if parsed is not None else None
 
 
 def _check_route_auth(section: _Section, route: Route) -> None:

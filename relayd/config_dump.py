@@ -47,7 +47,7 @@ def _entries(config: Config, attribute: str) -> Iterable[object]:
 def _table(section: str | None, obj: object, keys: Iterable[str]) -> str:
     lines = [section] if section else []
     for key in keys:
-        value = _toml_value(key, getattr(obj, key))
+        value = _toml_value(key, getattr(obj, "via_text" if key == "via" else key))
         if value is None:
             lines.append(f"# {key} is not set")
             continue

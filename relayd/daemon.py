@@ -25,6 +25,7 @@ from relayd.acceptor import AcceptorPool, worker_count
 from relayd.config import Config, ConfigError, check_files, load_config
 from relayd.control.server import ControlServer
 from relayd.delivery.agent import DeliveryAgent
+from relayd.delivery.router import Router
 from relayd.delivery.verify import RecipientProber
 from relayd.local.server import LocalSubmission
 from relayd.metrics import Metrics, MetricsServer
@@ -57,7 +58,7 @@ class Daemon:
         self.counters = Counters()
         self.metrics = Metrics()
         self.spool = Spool(config.spool.path)
-        self.agent = DeliveryAgent(config, relayd_dns.make_resolver(config.dns))
+        self.agent = _agent(config)
         self.scheduler = Scheduler(config, self.spool, self.agent, metrics=self.metrics)
         self.metrics.queue = self.scheduler.counts
         self.metrics_server = MetricsServer(self.metrics.render)
@@ -219,7 +220,7 @@ class Daemon:
         self.auth_throttle.reconfigure(config.auth)
         self.prober.reconfigure(config, relayd_dns.make_resolver(config.dns))
         old_agent = self.agent
-        self.agent = DeliveryAgent(config, relayd_dns.make_resolver(config.dns))
+        self.agent = _agent(config)
         self.scheduler.reconfigure(config, self.agent)
         await self.acceptors.replace(worker_count(config), self.listeners.fds())
         # Close the old agent's idle sessions; attempts in flight finish with it.
@@ -268,6 +269,11 @@ class Daemon:
             f"queue: {queued or 'empty'}; since start: {self.counters.accepted} accepted, "
             f"{stats.delivered} delivered, {stats.bounced} bounced"
         )
+
+
+def _agent(config: Config) -> Router:
+    """Delivery: local routes (LMTP, Maildir) and SMTP for the rest."""
+    return Router(config, DeliveryAgent(config, relayd_dns.make_resolver(config.dns)))
 
 
 def build_services(

@@ -65,14 +65,15 @@ socket = "run/sendmail.sock"
 [logging]
 target = "stderr"
 
-# Safe by default: nothing leaves this machine. All outbound mail is routed
-# to 127.0.0.1:{outbound}, where nothing listens, so it stays in the queue for
-# `relayctl queue` to show. Point "via" at a test SMTP server (for example
-# `smtp-sink 127.0.0.1:{outbound} 100`), or delete this route to deliver by MX.
+# Safe by default: nothing leaves this machine. All outbound mail is
+# delivered into the Maildir outbox/ next to this file, one file per message
+# in outbox/new/, exactly as it would have been sent (what MailHog or Mailpit
+# are otherwise run for). To see mail wait in the queue instead, use
+#   via = "127.0.0.1:{outbound}"   (nothing listens there; or run smtp-sink)
+# and delete this route to deliver by MX for real.
 [[route]]
 domain = "*"
-via = "127.0.0.1:{outbound}"
-tls = "none"
+via = "maildir:outbox"
 """
 
 
@@ -151,7 +152,7 @@ def main() -> int:
   submission  127.0.0.1:{p["submission"]}  (STARTTLS, then AUTH)
   submissions 127.0.0.1:{p["submissions"]}  (implicit TLS, AUTH)
   user dev, password {password}   (may send as any address)
-  outbound mail stays queued (see the [[route]] in {rel}/relayd.toml)
+  outbound mail goes into the Maildir {rel}/outbox/new/ (see the [[route]] in relayd.toml)
 Try: swaks --server 127.0.0.1:{p["submission"]} --tls --auth-user dev \\
        --auth-password {password} --from you@localhost --to someone@example.org
      .venv/bin/relayctl queue      (from this directory it finds {rel}/relayd.toml)
