@@ -25,8 +25,9 @@ from typing import Any
 from relayd.escape import printable
 
 ROOT = "relayd"
-# Loggers of libraries relayd runs on; their warnings are worth keeping, but
-# only escaped and in relayd's format (aiosmtpd logs command names as sent).
+# Loggers of libraries relayd runs on: whatever of theirs is let through (the
+# daemon quiets aiosmtpd's) is written escaped and in relayd's format, never
+# raw by Python's last-resort handler (aiosmtpd logs command names as sent).
 FOREIGN = ("mail.log", "asyncio")
 
 _LEVELS = {
@@ -154,7 +155,6 @@ def _adopt_foreign(handler: logging.Handler) -> None:
         if _foreign_handler is not None:
             logger.removeHandler(_foreign_handler)
         logger.addHandler(handler)
-        logger.setLevel(logging.WARNING)
         logger.propagate = False
     _foreign_handler = handler
 
