@@ -78,7 +78,7 @@ MAX_HOPS = 50  # Received: headers before a message is taken for a loop (Postfix
 HARD_ERROR_LIMIT = 20
 TOO_MANY_ERRORS = "421 4.7.0 Too many errors"
 # Seconds a TLS handshake may take: implicit TLS (relayd.smtpd.gate) and STARTTLS.
-HANDSHAKE_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10
 _PROGRAM = {"inbound": "smtpd", "submission": "submission/smtpd"}
 
 
