@@ -20,30 +20,27 @@ like one that sent ESC; it can still forge nothing.
 
 from __future__ import annotations
 
-_SAFE = frozenset(chr(c) for c in range(0x20, 0x7F))
-_SURROGATE_BYTES = range(0xDC80, 0xDD00)  # surrogateescape's stand-ins for bytes 0x80-0xff
-_NAMED = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
-
-
-def _escape_char(char: str) -> str:
-    code = ord(char)
-    if char in _NAMED:
-        return _NAMED[char]
-    if code < 0x80:
-        return f"\\x{code:02x}"
-    if code in _SURROGATE_BYTES:
-        return f"\\x{code - 0xDC00:02x}"
-    data = char.encode("utf-8", "surrogatepass")
-    return "".join(f"\\x{b:02x}" for b in data)
+_NAMED = {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"}
+# What each byte is shown as: printable ASCII as itself, every other byte escaped.
+_SHOWN = {
+    byte: chr(byte) if 0x20 <= byte < 0x7F else _NAMED.get(byte, f"\\x{byte:02x}")
+    for byte in range(256)
+}
 
 
 def printable(text: str | bytes) -> str:
     """``text`` as printable ASCII on one line: every other character escaped."""
     if isinstance(text, bytes):
-        text = text.decode("utf-8", "surrogateescape")
-    if text.isascii() and text.isprintable():
+        data = text
+    elif text.isascii() and text.isprintable():
         return text
-    return "".join(c if c in _SAFE else _escape_char(c) for c in text)
+    else:
+        try:  # surrogateescape gives back the bytes aiosmtpd could not decode
+            data = text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a lone surrogate of another kind (from JSON, say)
+            data = text.encode("utf-8", "surrogatepass")
+    # Bytes as latin-1 characters 0-255, then one table lookup each (done in C).
+    return data.decode("latin-1").translate(_SHOWN)
 
 
 def has_control(text: str) -> bool:

@@ -110,6 +110,7 @@ def test_silent_implicit_tls_clients_count_per_ip_and_get_10s(tmp_path: Path) ->
         assert tls_greeting(port, "127.0.0.1").startswith("220 ")  # slots released
         log = r.wait_log("lost connection during TLS handshake from unknown[127.0.0.1]: timeout")
         assert log.count("during TLS handshake from unknown[127.0.0.1]: timeout") == per_ip
+        assert "during TLS handshake from unknown[127.0.0.3]: timeout" in log  # the STARTTLS one
         assert r.stop() == 0
 
 

@@ -194,6 +194,11 @@ class Session(SMTP):  # type: ignore[misc]
             raw = self._original_transport
             if writable(raw):
                 raw.abort()
+            log.event(
+                self.program,
+                f"lost connection during TLS handshake from unknown[{self.client.ip}]: timeout",
+                client_ip=self.client.ip,
+            )
             self.connection_lost(None)
             return
         transport = self.transport
