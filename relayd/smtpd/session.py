@@ -25,7 +25,7 @@ from base64 import b64decode
 from collections import Counter
 from typing import Any, TypeGuard
 
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, TLSSetupException
 
 from relayd import log
 from relayd.address import Address, AddressError, parse_params, parse_path
@@ -35,6 +35,7 @@ from relayd.policy.acl import may_relay, recipient_verdict
 from relayd.policy.verdict import Refuse
 from relayd.smtpd import dataread, headers
 from relayd.smtpd.services import ClientInfo, Services
+from relayd.smtpd.tlslayer import TLSLayer
 from relayd.spool.model import Envelope, Recipient
 from relayd.spool.queueid import new_queue_id
 from relayd.spool.store import SpoolError
@@ -354,10 +355,32 @@ class Session(SMTP):  # type: ignore[misc]
         # Anything the client pipelined behind STARTTLS was sent in clear text
         # and must not be executed after the handshake (CVE-2011-0411).
         self._reader._buffer.clear()  # type: ignore[attr-defined]
-        if not arg:  # the handshake gets HANDSHAKE_TIMEOUT, then _timeout_cb frees the slot
-            self._reset_timeout(min(HANDSHAKE_TIMEOUT, self._timeout_duration))
-        await super().smtp_STARTTLS(arg)
+        if arg:
+            await self.push("501 5.5.4 Syntax: STARTTLS")
+            return
+        # The handshake gets HANDSHAKE_TIMEOUT, then _timeout_cb frees the slot.
+        self._reset_timeout(min(HANDSHAKE_TIMEOUT, self._timeout_duration))
+        await self.push("220 2.0.0 Ready to start TLS")
+        await self._start_tls()
         self._reset_transaction()
+
+    async def _start_tls(self) -> None:
+        """What aiosmtpd's STARTTLS does, with relayd's TLSLayer (a 32 KiB buffer, not 256)."""
+        assert self.tls_context is not None
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        layer = TLSLayer(self.loop, self, self.tls_context, waiter, server_side=True)
+        self._tls_protocol = layer
+        self._original_transport = self.transport
+        assert self._original_transport is not None
+        self._original_transport.set_protocol(layer)
+        self.transport = layer._app_transport
+        layer.connection_made(self._original_transport)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # aiosmtpd's loop closes the connection on this one
+            raise TLSSetupException() from error
 
     async def smtp_RSET(self, arg: str | None) -> None:
         if arg:
