@@ -181,3 +181,18 @@ def test_pipelined_errors_stop_at_the_limit(relayd: Relayd) -> None:
             for _ in range(30):
                 replies.append(c.reply())
         assert [r[:9] for r in replies] == ["503 5.5.1"] * 20 + ["421 4.7.0"]
+
+
+def test_recipients_over_the_limit_are_not_errors(tmp_path: Path) -> None:
+    """452 4.5.3 tells a client to send the rest later; the session goes on to DATA."""
+    with Relayd(tmp_path, listeners=LISTENERS, extra="[limits]\nmax_recipients = 2\n") as r:
+        r.start()
+        with RawClient(silent(r.port("inbound"), "127.0.0.1")) as c:
+            c.reply()
+            assert c.cmd("EHLO client.test").startswith("250")
+            assert c.cmd("MAIL FROM:<alice@example.com>").startswith("250")
+            replies = [c.cmd(f"RCPT TO:<bob{i}@example.org>")[:9] for i in range(30)]
+            assert replies == ["250 2.1.5"] * 2 + ["452 4.5.3"] * 28
+            assert c.cmd("DATA").startswith("354")
+            assert c.cmd("Subject: x\r\n\r\nhi\r\n.").startswith("250 2.0.0 Ok: queued as ")
+        assert r.stop() == 0

@@ -78,6 +78,10 @@ MAX_HOPS = 50  # Received: headers before a message is taken for a loop (Postfix
 # Refused commands (4xx/5xx replies) before the session is cut (Postfix's smtpd_hard_error_limit).
 HARD_ERROR_LIMIT = 20
 TOO_MANY_ERRORS = "421 4.7.0 Too many errors"
+# "452 4.5.3 too many recipients" is how a client learns max_recipients, not a
+# mistake: like Postfix (smtpd_recipient_overshoot_limit) the first 1000 do not count.
+TOO_MANY_RECIPIENTS = "452 4.5.3"
+RECIPIENT_OVERSHOOT_LIMIT = 1000
 # Seconds a TLS handshake may take: implicit TLS (relayd.smtpd.gate) and STARTTLS.
 HANDSHAKE_TIMEOUT = 10
 _PROGRAM = {"inbound": "smtpd", "submission": "submission/smtpd"}
@@ -88,8 +92,9 @@ class _NoHooks:
 
 
 class Session(SMTP):  # type: ignore[misc]
-    # Refused commands so far; see push().
+    # Refused commands so far, and recipients over max_recipients; see push().
     errors = 0
+    overshoot = 0
     # Set by admit(): the listener counted this connection at the TCP accept.
     _admitted = False
 
@@ -250,10 +255,17 @@ class Session(SMTP):  # type: ignore[misc]
             return
         text = printable(status if raw else _enhance(status))
         await super().push(text)
-        if text[:1] in ("4", "5") and self.refusal is None:
+        if text[:1] in ("4", "5") and self.refusal is None and not self._overshoot(text):
             self.errors += 1
             if self.errors >= HARD_ERROR_LIMIT and not text.startswith("421"):
                 await self._too_many_errors()
+
+    def _overshoot(self, reply: str) -> bool:
+        """True for a too-many-recipients reply that does not count as an error."""
+        if not reply.startswith(TOO_MANY_RECIPIENTS) or self.overshoot >= RECIPIENT_OVERSHOOT_LIMIT:
+            return False
+        self.overshoot += 1
+        return True
 
     async def _too_many_errors(self) -> None:
         """Say 421 and hang up; nothing the client pipelined after is read."""
