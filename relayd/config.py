@@ -116,8 +116,8 @@ class RelayConfig:
         ipaddress.ip_network("127.0.0.0/8"),
         ipaddress.ip_network("::1/128"),
     )
-    # Extension: must be true for a network that covers everyone
-    # (0.0.0.0/0, ::/0); otherwise such a network is a config error.
+    # Extension, deprecated: only false is accepted. Networks shorter than /8
+    # (IPv4) or /32 (IPv6) are config errors whatever it says (_network).
     allow_open_relay: bool = False
     # Extension: ask a served domain's next hop about each inbound RCPT, so
     # mail for unknown users is refused at RCPT instead of bounced later.
@@ -833,18 +833,34 @@ def _group(value: object) -> str:
     return text
 
 
-def _network(allow_open: bool) -> Callable[[object], IPNetwork]:
-    def parse(value: object) -> IPNetwork:
-        network = _strict_network(value)
-        if network.prefixlen == 0 and not allow_open:
-            raise _Bad(
-                f"{_quote(network)} lets anyone on the internet relay mail through relayd: "
-                "this makes relayd an open relay; list only your own networks, or "
-                "set allow_open_relay = true only if you mean it"
-            )
-        return network
+# The shortest [relay] networks prefix (SPEC section 7): a shorter one lets a
+# large part of the internet relay through relayd -- an open relay by accident.
+MIN_RELAY_PREFIX = {4: 8, 6: 32}
 
-    return parse
+
+def _network(value: object) -> IPNetwork:
+    """A [relay] networks entry: a prefix of at least /8 (IPv4) or /32 (IPv6)."""
+    network = _strict_network(value)
+    shortest = MIN_RELAY_PREFIX[network.version]
+    if network.prefixlen < shortest:
+        size = network.max_prefixlen - network.prefixlen
+        who = "anyone on the internet" if network.prefixlen == 0 else f"2^{size} addresses"
+        raise _Bad(
+            f"{_quote(network)} is shorter than /{shortest}: it lets {who} relay mail through "
+            f"relayd, an open relay by accident; list only your own networks (/{shortest} or "
+            "longer) and let other senders authenticate on a submission listener"
+        )
+    return network
+
+
+def _no_open_relay(value: object) -> bool:
+    """allow_open_relay: kept so old configs load, but it can no longer open anything."""
+    if _boolean(value):
+        raise _Bad(
+            "no longer supported: relayd never relays for networks shorter than /8 (IPv4) "
+            "or /32 (IPv6); remove allow_open_relay and list only your own networks"
+        )
+    return False
 
 
 def _strict_network(value: object) -> IPNetwork:
@@ -1145,16 +1161,9 @@ def _read_relay(loader: _Loader) -> RelayConfig:
     section.check_unknown()
     default = RelayConfig()
     domains = section.get("domains", _array(_domain, '["example.com"]'), default.domains)
-    allow_open = section.get("allow_open_relay", _boolean, default.allow_open_relay)
+    allow_open = section.get("allow_open_relay", _no_open_relay, default.allow_open_relay)
     example = '["127.0.0.0/8", "::1/128"]'
-    networks = section.get("networks", _array(_network(allow_open), example), default.networks)
-    for network in networks:
-        if network.prefixlen == 0:
-            section.warn(
-                "networks",
-                f"{_quote(network)} lets anyone relay mail through relayd: it is an open relay "
-                "(allow_open_relay = true)",
-            )
+    networks = section.get("networks", _array(_network, example), default.networks)
     return RelayConfig(
         tuple(dict.fromkeys(domains)),
         networks,

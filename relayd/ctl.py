@@ -38,6 +38,7 @@ from relayd.config import (
     SpoolConfig,
     load_config,
 )
+from relayd.escape import printable
 from relayd.spool.model import Envelope
 from relayd.units import format_duration, format_size
 
@@ -266,13 +267,13 @@ def queue_table(envelopes: list[Envelope], online: bool, now: float) -> str:
     indent = " " * (sum(widths) + len(_GAP) * len(widths))
     lines = [line(tuple(title for title, _ in _COLUMNS)) + _GAP + "SENDER / RECIPIENTS"]
     for env, row in zip(envelopes, rows, strict=True):
-        lines.append(line(row) + _GAP + (env.sender or "<>"))
+        lines.append(line(row) + _GAP + printable(env.sender or "<>"))
         for r in env.pending:
             reason = ""
             if r.reply:
-                where = f", {r.remote_host}" if r.remote_host else ""
+                where = f", {printable(r.remote_host)}" if r.remote_host else ""
                 reason = f"  ({_one_line(r.reply)}{where})"
-            lines.append(f"{indent}{r.address}{reason}")
+            lines.append(f"{indent}{printable(r.address)}{reason}")
     lines.append(_queue_summary(envelopes, online))
     return "\n".join(lines)
 
@@ -286,8 +287,14 @@ def _next_cell(env: Envelope, now: float) -> str:
 
 
 def _one_line(text: str) -> str:
-    """A reply on one table line: multi-line replies and stray control characters flattened."""
-    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    """A reply on one line: the lines of a multi-line reply joined, the rest escaped.
+
+    A remote server chooses every byte of its reply; an ESC sequence printed
+    raw would rewrite the operator's terminal, so anything but printable
+    ASCII is shown escaped (relayd.escape), never written.
+    """
+    lines = text.replace("\r\n", "\n").split("\n")
+    return " ".join(printable(line).strip() for line in lines if line.strip())
 
 
 def _queue_summary(envelopes: list[Envelope], online: bool) -> str:
@@ -365,38 +372,44 @@ def show_text(env: Envelope, data: bytes, online: bool, now: float) -> str:
     else:
         nxt = f"{_when(env.next_attempt)} (in {format_duration(env.next_attempt - now)})"
     out = [
-        f"Queue ID:     {env.queue_id}",
+        f"Queue ID:     {printable(env.queue_id)}",
         f"State:        {env.state}" + ("" if online else " (offline: read from the spool)"),
         f"Arrived:      {_when(env.arrival_time)} "
         f"({format_duration(max(0.0, now - env.arrival_time))} ago)",
         f"Size:         {env.size} bytes",
-        f"Sender:       <{env.sender}>",
-        f"Client:       {env.client_ip or '-'} (helo {env.helo or '-'}, listener "
-        f"{env.listener or '-'}, user {env.sasl_username or '-'})",
+        f"Sender:       <{printable(env.sender)}>",
+        f"Client:       {printable(env.client_ip or '-')} (helo {printable(env.helo or '-')}, "
+        f"listener {printable(env.listener or '-')}, user {printable(env.sasl_username or '-')})",
         f"Attempts:     {env.attempts}",
         f"Next attempt: {nxt}",
         "",
         "Recipients:",
     ]
-    width = max((len(r.address) for r in env.recipients), default=0)
+    width = max((len(printable(r.address)) for r in env.recipients), default=0)
     status_width = max((len(r.status) for r in env.recipients), default=0)
     for r in env.recipients:
-        detail = f"  {r.dsn} {_one_line(r.reply)}".rstrip() if r.reply or r.dsn else ""
-        out.append(f"  {r.address:<{width}}  {r.status:<{status_width}}{detail}".rstrip())
+        detail = f"  {printable(r.dsn)} {_one_line(r.reply)}".rstrip() if r.reply or r.dsn else ""
+        address = printable(r.address)
+        out.append(f"  {address:<{width}}  {r.status:<{status_width}}{detail}".rstrip())
     out += ["", "Delivery attempts:"]
     for a in env.history:
         hop = f"{a.host}[{a.address}]:{a.port}" if a.address else (a.host or "(none)")
         out.append(
-            f"  {_when(a.time)}  {hop}  tls={a.tls or 'none'}  {a.duration:.2f}s  "
-            f"{a.status} {a.dsn}: {_one_line(a.reply)}"
+            f"  {_when(a.time)}  {printable(hop)}  tls={printable(a.tls or 'none')}  "
+            f"{a.duration:.2f}s  {printable(f'{a.status} {a.dsn}')}: {_one_line(a.reply)}"
         )
-        out.append(f"      for {', '.join(a.recipients)}")
+        out.append(f"      for {printable(', '.join(a.recipients))}")
     if not env.history:
         out.append("  (none yet)")
     from relayd.smtpd.headers import header_block
 
-    out += ["", "Headers:", header_block(data).decode("utf-8", "replace").rstrip()]
+    out += ["", "Headers:", *_header_lines(header_block(data))]
     return "\n".join(out)
+
+
+def _header_lines(block: bytes) -> list[str]:
+    """The header block line by line, each escaped: its bytes are the sender's choice."""
+    return [printable(line.rstrip(b"\r")) for line in block.rstrip(b"\r\n").split(b"\n")]
 
 
 def _ids(args: argparse.Namespace) -> tuple[list[str], bool]:
@@ -616,11 +629,12 @@ def _print_users(listing: list[Any], as_json: bool) -> None:
             )
         )
         return
-    width = max([len("USER"), *(len(u.name) for u in listing)])
+    width = max([len("USER"), *(len(printable(u.name)) for u in listing)])
     print(f"{'USER':<{width}}  ALLOWED SENDERS")
     for u in listing:
         owned = [u.name] if "@" in u.name else []
-        print(f"{u.name:<{width}}  {', '.join(owned + list(u.allow_from)) or '-'}")
+        senders = printable(", ".join(owned + list(u.allow_from)) or "-")
+        print(f"{printable(u.name):<{width}}  {senders}")
 
 
 def dkim_key_path(config: Config, domain: str, selector: str) -> tuple[Path, bool]:

@@ -5,6 +5,14 @@ under a Postfix-style program name (``relayd/smtpd``, ``relayd/qmgr``,
 ``relayd/smtp``, ``relayd/bounce``), and the keyword fields become journald
 fields (``QUEUE_ID``, ``RECIPIENT``, ``DSN``, ``STATUS``, ...) when logging
 to the journal. On stderr the fields are dropped; the line carries them.
+
+Whatever reaches the handler is made one line of printable ASCII first
+(``_OneLine``, see relayd.escape): the message, a traceback appended to it,
+and every journald field. Clients and remote servers choose much of what
+is logged (HELO names, addresses, replies); escaping here, at the one
+boundary, means no caller can forget it and nobody can forge a log line
+that fail2ban or pflogsumm would read as relayd's. Records of other
+libraries' loggers (aiosmtpd, asyncio) go through the same handler.
 """
 
 from __future__ import annotations
@@ -14,7 +22,13 @@ import os
 import sys
 from typing import Any
 
+from relayd.escape import printable
+
 ROOT = "relayd"
+# Loggers of libraries relayd runs on: whatever of theirs is let through (the
+# daemon quiets aiosmtpd's) is written escaped and in relayd's format, never
+# raw by Python's last-resort handler (aiosmtpd logs command names as sent).
+FOREIGN = ("mail.log", "asyncio")
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -42,13 +56,52 @@ class _StderrFormatter(logging.Formatter):
         self.pid = os.getpid()
 
     def format(self, record: logging.LogRecord) -> str:
-        program = record.name.replace(".", "/")
-        text = record.getMessage()
-        if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
+        program = record.name.replace(".", "/") if _ours(record) else ROOT
+        text = printable(_message(record, self))
         if self.journal_stream:
             return f"<{SYSLOG_PRIORITY.get(record.levelno, 6)}>{program}: {text}"
         return f"{program}[{self.pid}]: {text}"
+
+
+def _ours(record: logging.LogRecord) -> bool:
+    return record.name == ROOT or record.name.startswith(ROOT + ".")
+
+
+def _message(record: logging.LogRecord, formatter: logging.Formatter) -> str:
+    """The record's text with its traceback, if any, still unescaped."""
+    text = record.getMessage()
+    if record.exc_info:
+        text += "\n" + formatter.formatException(record.exc_info)
+    elif record.exc_text:
+        text += "\n" + record.exc_text
+    if record.stack_info:
+        text += "\n" + record.stack_info
+    return text
+
+
+class _OneLine(logging.Filter):
+    """Rewrite each record into one escaped line, fields included, before any formatter.
+
+    The traceback is folded into the message (its newlines escaped as
+    ``\\n``): a traceback may quote a client's bytes, and one event stays
+    one line for the tools that read the log.
+    """
+
+    _formatter = logging.Formatter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = printable(_message(record, self._formatter))
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+        record.stack_info = None
+        fields = getattr(record, "journal_fields", None)
+        if fields:
+            record.journal_fields = {
+                key: printable(value) if isinstance(value, str | bytes) else value
+                for key, value in fields.items()
+            }
+        return True
 
 
 def stderr_is_journal() -> bool:
@@ -79,14 +132,31 @@ def setup(level: str = "info", target: str = "auto") -> None:
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_StderrFormatter(stderr_is_journal()))
+    handler.addFilter(_OneLine())
     root.addHandler(handler)
     root.propagate = False
+    _adopt_foreign(handler)
     if missing_journal:
         from relayd import systemd
 
         event("master", f"warning: [logging] target = \"journald\" but "
               f"{systemd.journal_unavailable_reason()}; logging to stderr",
               level=logging.WARNING)
+
+
+_foreign_handler: logging.Handler | None = None
+
+
+def _adopt_foreign(handler: logging.Handler) -> None:
+    """Send library loggers' warnings through relayd's (escaping) handler, not raw stderr."""
+    global _foreign_handler
+    for name in FOREIGN:
+        logger = logging.getLogger(name)
+        if _foreign_handler is not None:
+            logger.removeHandler(_foreign_handler)
+        logger.addHandler(handler)
+        logger.propagate = False
+    _foreign_handler = handler
 
 
 def set_level(level: str) -> None:

@@ -470,28 +470,42 @@ tls = "none"
     ]
 
 
-OPEN_RELAY = (
-    'relayd: {path}:4: [relay] networks: "0.0.0.0/0" lets anyone on the internet relay mail '
-    "through relayd: this makes relayd an open relay; list only your own networks, or set "
-    "allow_open_relay = true only if you mean it"
-)
-
-
-def test_open_relay_network_is_refused(tmp_path: Path) -> None:
-    assert problems(tmp_path, HEAD + '\n[relay]\nnetworks = ["0.0.0.0/0"]\n') == [OPEN_RELAY]
-
-
-def test_open_relay_network_is_allowed_when_the_operator_says_so(tmp_path: Path) -> None:
-    path = write(
-        tmp_path, HEAD + '\n[relay]\nnetworks = ["0.0.0.0/0", "::/0"]\nallow_open_relay = true\n'
+def too_wide(network: str, line: int = 4) -> str:
+    shortest = 32 if ":" in network else 8
+    bits = (128 if ":" in network else 32) - int(network.rsplit("/", 1)[1])
+    who = "anyone on the internet" if bits in (32, 128) else f"2^{bits} addresses"
+    return (
+        f'relayd: {{path}}:{line}: [relay] networks: "{network}" is shorter than /{shortest}: '
+        f"it lets {who} relay mail through relayd, an open relay by accident; list only your "
+        f"own networks (/{shortest} or longer) and let other senders authenticate on a "
+        "submission listener"
     )
+
+
+@pytest.mark.parametrize("network", ["10.0.0.0/7", "0.0.0.0/0", "2001:db8::/31", "::/0"])
+def test_relay_network_shorter_than_8_or_32_is_refused(tmp_path: Path, network: str) -> None:
+    text = HEAD + f'\n[relay]\nnetworks = ["10.0.0.0/8", "{network}"]\n'
+    assert problems(tmp_path, text) == [too_wide(network)]
+
+
+def test_relay_networks_of_8_and_32_load(tmp_path: Path) -> None:
+    path = write(tmp_path, HEAD + '\n[relay]\nnetworks = ["10.0.0.0/8", "2001:db8::/32"]\n')
     config = load_config(path)
-    assert [str(n) for n in config.relay.networks] == ["0.0.0.0/0", "::/0"]
-    assert config.relay.allow_open_relay is True
-    assert (
-        f'relayd: {path}:4: [relay] networks: warning: "0.0.0.0/0" lets anyone relay mail '
-        "through relayd: it is an open relay (allow_open_relay = true)"
-    ) in config.warnings
+    assert [str(n) for n in config.relay.networks] == ["10.0.0.0/8", "2001:db8::/32"]
+    assert not [w for w in config.warnings if "[relay]" in w]
+
+
+def test_allow_open_relay_no_longer_opens_the_relay(tmp_path: Path) -> None:
+    text = HEAD + '\n[relay]\nnetworks = ["0.0.0.0/0", "::/0"]\nallow_open_relay = true\n'
+    assert problems(tmp_path, text) == [
+        too_wide("0.0.0.0/0"),
+        too_wide("::/0"),
+        "relayd: {path}:5: [relay] allow_open_relay: no longer supported: relayd never relays "
+        "for networks shorter than /8 (IPv4) or /32 (IPv6); remove allow_open_relay and list "
+        "only your own networks",
+    ]
+    config = load_config(write(tmp_path, HEAD + "\n[relay]\nallow_open_relay = false\n"))
+    assert config.relay.allow_open_relay is False
 
 
 def test_network_with_host_bits_names_both_fixes(tmp_path: Path) -> None:

@@ -1,10 +1,12 @@
 """Listening sockets: open what the config names, close what it no longer does.
 
-Each accepted connection becomes a Session holding the Services snapshot
-current at that moment. A reload only opens added listeners and closes
-removed ones; sessions in flight keep their sockets. Implicit-TLS
-listeners pick up a renewed certificate through an SNI callback that swaps
-in the current context, so no listener has to be reopened for it.
+Each accepted connection is counted and, on implicit-TLS listeners, put
+through the TLS handshake by a Gate (relayd.smtpd.gate); then it becomes a
+Session holding the Services snapshot current at that moment. A reload only
+opens added listeners and closes removed ones; sessions in flight keep
+their sockets. Implicit-TLS listeners pick up a renewed certificate through
+an SNI callback that swaps in the current context, so no listener has to be
+reopened for it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable
 
 from relayd import log
 from relayd.config import Listener
+from relayd.smtpd.gate import Gate
 from relayd.smtpd.services import Services
 from relayd.smtpd.session import Session, writable
 
@@ -100,11 +103,11 @@ class Listeners:
                 ) from exc
         loop = asyncio.get_running_loop()
         tls = self._implicit_context() if listener.tls == "implicit" else None
+        # Accepted in clear even for implicit TLS: the Gate counts the
+        # connection first, then runs the handshake with its own timeout.
         server = await loop.create_server(
-            lambda: self._session(listener),
+            lambda: Gate(self._current(), lambda: self._session(listener), tls),
             sock=sock,
-            ssl=tls,
-            ssl_handshake_timeout=30 if tls is not None else None,
         )
         log.event(
             "master",

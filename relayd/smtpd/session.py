@@ -25,17 +25,19 @@ from base64 import b64decode
 from collections import Counter
 from typing import Any, TypeGuard
 
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, TLSSetupException
 
 from relayd import log
 from relayd.address import Address, AddressError, parse_params, parse_path
 from relayd.config import Listener
+from relayd.escape import has_control, printable
 from relayd.policy import identity
 from relayd.policy.acl import may_relay, recipient_verdict
 from relayd.policy.verdict import Refuse
 from relayd.smtpd import authresults, dataread, headers
 from relayd.smtpd.content import Content
 from relayd.smtpd.services import ClientInfo, Services
+from relayd.smtpd.tlslayer import TLSLayer
 from relayd.spool.model import Envelope, Recipient
 from relayd.spool.queueid import new_queue_id
 from relayd.spool.store import SpoolError
@@ -78,6 +80,15 @@ _DATA_PROBLEMS = {
     dataread.LINE_TOO_LONG: "554 5.6.0 Message refused: line longer than 998 octets",
 }
 MAX_HOPS = 50  # Received: headers before a message is taken for a loop (Postfix's default)
+# Refused commands (4xx/5xx replies) before the session is cut (Postfix's smtpd_hard_error_limit).
+HARD_ERROR_LIMIT = 20
+TOO_MANY_ERRORS = "421 4.7.0 Too many errors"
+# "452 4.5.3 too many recipients" is how a client learns max_recipients, not a
+# mistake: like Postfix (smtpd_recipient_overshoot_limit) the first 1000 do not count.
+TOO_MANY_RECIPIENTS = "452 4.5.3"
+RECIPIENT_OVERSHOOT_LIMIT = 1000
+# Seconds a TLS handshake may take: implicit TLS (relayd.smtpd.gate) and STARTTLS.
+HANDSHAKE_TIMEOUT = 10
 _PROGRAM = {"inbound": "smtpd", "submission": "submission/smtpd"}
 
 
@@ -86,6 +97,12 @@ class _NoHooks:
 
 
 class Session(SMTP):  # type: ignore[misc]
+    # Refused commands so far, and recipients over max_recipients; see push().
+    errors = 0
+    overshoot = 0
+    # Set by admit(): the listener counted this connection at the TCP accept.
+    _admitted = False
+
     def __init__(self, services: Services, listener: Listener) -> None:
         cfg = services.config
         starttls = listener.tls == "starttls" and services.tls_context is not None
@@ -130,6 +147,16 @@ class Session(SMTP):  # type: ignore[misc]
 
     # ---- connection lifecycle -------------------------------------------
 
+    def admit(self, refusal: Refuse | None) -> None:
+        """Take over the connection slot the listener counted at the TCP accept.
+
+        With ``refusal`` the session only says so (421) and closes; without
+        one, the slot is released when the connection ends.
+        """
+        self._admitted = True
+        self.refusal = refusal
+        self._connected = refusal is None
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None:
             peer = transport.get_extra_info("peername") or ("", 0)
@@ -139,8 +166,8 @@ class Session(SMTP):  # type: ignore[misc]
                 listener=self.listener.name,
                 inbound=self.listener.mode == "inbound",
             )
-            self.refusal = self.services.connections.acquire(self.client.ip)
-            self._connected = self.refusal is None
+            if not self._admitted:  # not through the listener's gate: count here
+                self.admit(self.services.connections.acquire(self.client.ip))
             log.event(
                 self.program,
                 f"connect from unknown[{self.client.ip}]",
@@ -179,6 +206,11 @@ class Session(SMTP):  # type: ignore[misc]
             raw = self._original_transport
             if writable(raw):
                 raw.abort()
+            log.event(
+                self.program,
+                f"lost connection during TLS handshake from unknown[{self.client.ip}]: timeout",
+                client_ip=self.client.ip,
+            )
             self.connection_lost(None)
             return
         transport = self.transport
@@ -215,11 +247,46 @@ class Session(SMTP):  # type: ignore[misc]
     # ---- replies ----------------------------------------------------------
 
     async def push(self, status: str | bytes) -> None:  # type: ignore[override]
+        """Every reply goes out here: enhanced codes, escaping, and the error count.
+
+        A reply may echo what the client sent (a HELO name, an address, a
+        parameter); it is escaped to printable ASCII, so it always encodes and
+        stays one line. A 4xx/5xx reply counts as a refused command; at
+        HARD_ERROR_LIMIT the session ends with 421 (Postfix's hard error limit),
+        counted here once rather than in every command.
+        """
         raw, self._raw_replies = self._raw_replies, False
-        if isinstance(status, str):
-            await super().push(status if raw else _enhance(status))
-        else:
+        if isinstance(status, bytes):
             await super().push(status)
+            return
+        text = printable(status if raw else _enhance(status))
+        await super().push(text)
+        if text[:1] in ("4", "5") and self.refusal is None and not self._overshoot(text):
+            self.errors += 1
+            if self.errors >= HARD_ERROR_LIMIT and not text.startswith("421"):
+                await self._too_many_errors()
+
+    def _overshoot(self, reply: str) -> bool:
+        """True for a too-many-recipients reply that does not count as an error."""
+        if not reply.startswith(TOO_MANY_RECIPIENTS) or self.overshoot >= RECIPIENT_OVERSHOOT_LIMIT:
+            return False
+        self.overshoot += 1
+        return True
+
+    async def _too_many_errors(self) -> None:
+        """Say 421 and hang up; nothing the client pipelined after is read."""
+        log.event(
+            self.program,
+            f"too many errors after {self._last_command()} from unknown[{self.client.ip}]",
+            client_ip=self.client.ip,
+        )
+        self.services.metrics.refused(TOO_MANY_ERRORS)
+        self._reader._buffer.clear()  # type: ignore[attr-defined]
+        await super().push(TOO_MANY_ERRORS)
+        if self.transport is not None:
+            self.transport.close()
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
 
     async def _push_lines(self, code: int, lines: list[str]) -> None:
         text = "".join(
@@ -243,13 +310,13 @@ class Session(SMTP):  # type: ignore[misc]
     # ---- greeting and TLS ------------------------------------------------------
 
     async def smtp_EHLO(self, hostname: str | None) -> None:
-        if not hostname:
-            await self.push("501 5.5.4 Syntax: EHLO hostname")
+        if not await self._helo_ok("EHLO", hostname):
             return
+        assert hostname is not None
         self._reset_transaction()
         assert self.session is not None
         self.session.extended_smtp = True
-        self.session.host_name = hostname
+        self.session.host_name = printable(hostname)
         lines = [
             self.hostname,
             "PIPELINING",
@@ -265,14 +332,39 @@ class Session(SMTP):  # type: ignore[misc]
         await self._push_lines(250, lines)
 
     async def smtp_HELO(self, hostname: str | None) -> None:
-        if not hostname:
-            await self.push("501 5.5.4 Syntax: HELO hostname")
+        if not await self._helo_ok("HELO", hostname):
             return
+        assert hostname is not None
         self._reset_transaction()
         assert self.session is not None
         self.session.extended_smtp = False
-        self.session.host_name = hostname
+        self.session.host_name = printable(hostname)
         await self._push_lines(250, [self.hostname])
+
+    async def _helo_ok(self, verb: str, hostname: str | None) -> bool:
+        """Refuse a missing name, or one with control characters (no host has one).
+
+        An accepted name is kept escaped to printable ASCII (8-bit bytes as
+        ``\\xNN``): it goes into Received:, Received-SPF:, SPF queries, the
+        spool and logs, and every one of them then takes it as it is.
+        """
+        if not hostname:
+            await self.push(f"501 5.5.4 Syntax: {verb} hostname")
+            return False
+        if has_control(hostname):
+            reply = f"501 5.5.2 <{hostname}>: {verb} name contains control characters"
+            log.event(
+                self.program,
+                f"reject: {verb} from unknown[{self.client.ip}]: {reply}; "
+                f"proto={'ESMTP' if verb == 'EHLO' else 'SMTP'} helo=<{hostname}>",
+                queue_id="NOQUEUE",
+                client_ip=self.client.ip,
+                smtp_reply=reply,
+            )
+            self.services.metrics.refused(reply)
+            await self.push(reply)
+            return False
+        return True
 
     async def smtp_STARTTLS(self, arg: str | None) -> None:
         if self.tls_context is None or self._tls_protocol is not None:
@@ -281,8 +373,32 @@ class Session(SMTP):  # type: ignore[misc]
         # Anything the client pipelined behind STARTTLS was sent in clear text
         # and must not be executed after the handshake (CVE-2011-0411).
         self._reader._buffer.clear()  # type: ignore[attr-defined]
-        await super().smtp_STARTTLS(arg)
+        if arg:
+            await self.push("501 5.5.4 Syntax: STARTTLS")
+            return
+        # The handshake gets HANDSHAKE_TIMEOUT, then _timeout_cb frees the slot.
+        self._reset_timeout(min(HANDSHAKE_TIMEOUT, self._timeout_duration))
+        await self.push("220 2.0.0 Ready to start TLS")
+        await self._start_tls()
         self._reset_transaction()
+
+    async def _start_tls(self) -> None:
+        """What aiosmtpd's STARTTLS does, with relayd's TLSLayer (a 32 KiB buffer, not 256)."""
+        assert self.tls_context is not None
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        layer = TLSLayer(self.loop, self, self.tls_context, waiter, server_side=True)
+        self._tls_protocol = layer
+        self._original_transport = self.transport
+        assert self._original_transport is not None
+        self._original_transport.set_protocol(layer)
+        self.transport = layer._app_transport
+        layer.connection_made(self._original_transport)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # aiosmtpd's loop closes the connection on this one
+            raise TLSSetupException() from error
 
     async def smtp_RSET(self, arg: str | None) -> None:
         if arg:
