@@ -9,6 +9,7 @@ picks on the first address and confirms the number is free on the others.
 from __future__ import annotations
 
 import ipaddress
+import random
 import socket
 
 __all__ = ["free_port"]
@@ -21,6 +22,27 @@ def _family(host: str) -> socket.AddressFamily:
     if not ip.is_loopback:
         raise ValueError(f"only loopback addresses are allowed, not {host}")
     return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+
+
+def _candidate() -> int:
+    """A port below the kernel's ephemeral range, where outgoing connections take theirs.
+
+    With port 0 the kernel hands out a port from the very range that every
+    client socket of the test suite also draws its source port from, so a
+    busy suite (or two running at once) collides now and then before the
+    daemon binds. Below that range only another listener can take it.
+    """
+    low, _ = _ephemeral_range()
+    return random.randrange(max(1024, low - 12000), low) if low > 2048 else 0
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = f.read().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 0, 0
 
 
 def free_port(*hosts: str) -> int:
@@ -38,7 +60,7 @@ def free_port(*hosts: str) -> int:
         try:
             first = socket.socket(families[0], socket.SOCK_STREAM)
             sockets.append(first)
-            first.bind((targets[0], 0))
+            first.bind((targets[0], _candidate()))
             port = int(first.getsockname()[1])
             for host, family in zip(targets[1:], families[1:], strict=True):
                 sock = socket.socket(family, socket.SOCK_STREAM)
