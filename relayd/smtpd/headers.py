@@ -108,3 +108,15 @@ def submission_fixups(message: bytes, hostname: str, now: float | None = None) -
 def new_message_id(hostname: str) -> str:
     stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime())
     return f"{stamp}.{secrets.token_hex(8)}@{hostname}"
+
+
+_MESSAGE_ID = re.compile(rb"(?im)^message-id[ \t]*:[ \t]*((?:.|\r\n[ \t])*?)[ \t]*\r\n(?![ \t])")
+
+
+def message_id(header: bytes) -> str:
+    """The Message-ID value of a header block, unfolded and cut, for the log ("<>" when none)."""
+    match = _MESSAGE_ID.search(header)
+    if match is None:
+        return "<>"
+    value = re.sub(rb"\r\n[ \t]+", b" ", match.group(1)).strip()
+    return value[:200].decode("utf-8", "replace")

@@ -135,7 +135,13 @@ class Session(SMTP):  # type: ignore[misc]
         self.trace_headers: list[bytes] = []
         self.check_state: object = None
         self.refusal: Refuse | None = None
-        self.counts: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter()  # commands tried, by name
+        self.succeeded: Counter[str] = Counter()  # ... and answered 2xx in the end
+        self._command = ""  # the command being answered ("" between commands)
+        self._previous = ""
+        self._command_arg: str | None = None
+        self._last_code = ""  # the last reply's code, for the command's outcome
+        self._reject_logged = False  # the current command's refusal has its log line
         self.in_data = False  # receiving or committing a message: a stop waits for it
         self._raw_replies = True  # the greeting carries no enhanced code
         self._tls_version: str | None = None  # for metrics, once TLS is up
@@ -224,8 +230,12 @@ class Session(SMTP):  # type: ignore[misc]
         super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     def _log_disconnect(self) -> None:
-        stats = " ".join(f"{k.lower()}={v}" for k, v in self.counts.items())
-        total = sum(self.counts.values())
+        """Postfix's shape: ``auth=1/3`` is 1 of 3 tried, a plain number when all went well."""
+        stats = " ".join(
+            f"{name.lower()}={_ratio(self.succeeded[name], tried)}"
+            for name, tried in self.counts.items()
+        )
+        total = _ratio(sum(self.succeeded.values()), sum(self.counts.values()))
         log.event(
             self.program,
             f"disconnect from unknown[{self.client.ip}] {stats} commands={total}",
@@ -234,13 +244,21 @@ class Session(SMTP):  # type: ignore[misc]
         )
 
     def _last_command(self) -> str:
-        return next(reversed(self.counts), "CONNECT")
+        return self._command or self._previous or "CONNECT"
 
     def _counted(self, name: str, method: Any) -> Any:
         @functools.wraps(method)
         async def run(arg: str | None) -> None:
             self.counts[name] += 1
-            await method(arg)
+            self._command, self._command_arg = name, arg
+            self._last_code, self._reject_logged = "", False
+            try:
+                await method(arg)
+            finally:
+                if self._last_code.startswith("2"):
+                    self.succeeded[name] += 1
+                self._previous, self._command = name, ""
+                self._reject_logged = False
 
         return run
 
@@ -258,9 +276,13 @@ class Session(SMTP):  # type: ignore[misc]
         raw, self._raw_replies = self._raw_replies, False
         if isinstance(status, bytes):
             await super().push(status)
+            self._last_code = status[:3].decode("ascii", "replace")
             return
         text = printable(status if raw else _enhance(status))
         await super().push(text)
+        self._last_code = text[:3]
+        if text[:1] in ("4", "5") and not self._reject_logged and self.refusal is None:
+            self._log_refused(text)
         if text[:1] in ("4", "5") and self.refusal is None and not self._overshoot(text):
             self.errors += 1
             if self.errors >= HARD_ERROR_LIMIT and not text.startswith("421"):
@@ -293,6 +315,7 @@ class Session(SMTP):  # type: ignore[misc]
             f"{code}{'-' if i < len(lines) - 1 else ' '}{line}\r\n" for i, line in enumerate(lines)
         )
         self._writer.write(text.encode())
+        self._last_code = str(code)
         await self._writer.drain()
 
     def _tls_active(self) -> bool:
@@ -653,13 +676,33 @@ class Session(SMTP):  # type: ignore[misc]
         self.recipients.append(rcpt)
         return "250 2.1.5 Ok"
 
+    def _log_refused(self, reply: str) -> None:
+        """Every refused command gets a line (SPEC §9), unless its handler wrote one.
+
+        AUTH failures have their own warning (fail2ban reads it), a 421 that
+        ends the session is logged where it is decided.
+        """
+        if self._command in ("AUTH", "") and not reply.startswith("500"):
+            return
+        if reply.startswith("421"):
+            return
+        if not self._command:  # not a command relayd knows: Postfix's "unknown=0/1"
+            self.counts["UNKNOWN"] += 1
+        self._log_reject(self._command or "UNKNOWN", reply, self._command_arg)
+
     def _log_reject(self, stage: str, reply: str, arg: str | None) -> None:
         assert self.session is not None
+        self._reject_logged = True
         sender = f"<{self.sender}>" if self.sender else "<>"
+        if stage == "MAIL":
+            sender = (arg or "")[5:].strip() or "<>"
+        parties = f"from={sender}"
+        if stage == "RCPT":
+            parties += f" to={(arg or '')[3:].strip()}"
         log.event(
             self.program,
             f"reject: {stage} from unknown[{self.client.ip}]: {reply}; "
-            f"from={sender} to={(arg or '')[3:].strip()} proto=ESMTP "
+            f"{parties} proto={'ESMTP' if self.session.extended_smtp else 'SMTP'} "
             f"helo=<{self.session.host_name or ''}>",
             # Nothing is queued before DATA: a refused RCPT is NOQUEUE, as Postfix logs it.
             queue_id="NOQUEUE" if stage == "RCPT" else self.queue_id or "NOQUEUE",
@@ -757,6 +800,8 @@ class Session(SMTP):  # type: ignore[misc]
                 level=logging.ERROR,
             )
             return "451 4.3.0 Error: queue file write error"
+        message_id = headers.message_id(head)
+        log.event(self.program, f"message-id={message_id}", queue_id=self.queue_id)
         return f"250 2.0.0 Ok: queued as {self.queue_id}"
 
     async def _prepare(self, content: Content) -> bytes:
@@ -827,6 +872,10 @@ class Session(SMTP):  # type: ignore[misc]
             smtputf8="SMTPUTF8" in self.mail_params,
             body_8bit=(self.mail_params.get("BODY") or "").upper() == "8BITMIME",
         )
+
+
+def _ratio(succeeded: int, tried: int) -> str:
+    return str(tried) if succeeded == tried else f"{succeeded}/{tried}"
 
 
 class _Refused(Exception):
