@@ -199,6 +199,10 @@ class DeliveryConfig:
     tls: DeliveryTLS = "opportunistic"
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
+    # Extension of SPEC §8: MTA-STS (RFC 8461) for MX delivery; on by default.
+    mta_sts: bool = True
+    # Extra CA certificates trusted for MX hosts and MTA-STS policy servers.
+    ca_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -293,6 +297,8 @@ SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
         "tls",
         "connect_timeout",
         "command_timeout",
+        "mta_sts",
+        "ca_file",
     ),
     "[[route]]": ("domain", "via", "username", "password_file", "tls", "tls_verify", "ca_file"),
     "[dns]": ("nameservers", "timeout"),
@@ -1286,6 +1292,8 @@ def _read_delivery(loader: _Loader) -> DeliveryConfig:
         tls=section.get("tls", _choice(_DELIVERY_TLS), default.tls),
         connect_timeout=section.get("connect_timeout", positive, default.connect_timeout),
         command_timeout=section.get("command_timeout", positive, default.command_timeout),
+        mta_sts=section.get("mta_sts", _boolean, default.mta_sts),
+        ca_file=section.get("ca_file", loader.path(), None),
     )
 
 
@@ -1552,6 +1560,7 @@ def check_files(config: Config) -> tuple[list[str], list[str]]:
         _check_dkim_key(report, ("dkim", "key", index), key.key_file, fix)
     for index, route in enumerate(config.routes):
         _check_route_files(report, ("route", index), route)
+    _check_ca_file(report, ("delivery",), config.delivery.ca_file)
     _check_control_group(report, config.control.group)
     return report.error_lines(), report.warning_lines()
 
@@ -1742,9 +1751,13 @@ def _check_route_files(report: _Report, table: TablePath, route: Route) -> None:
         password = _read_named_file(report, table, "password_file", route.password_file)
         if password is not None and not password.strip():
             report.error(table, "password_file", f"{_quote(route.password_file)} is empty")
-    if route.ca_file is not None and _read_named_file(report, table, "ca_file", route.ca_file):
+    _check_ca_file(report, table, route.ca_file)
+
+
+def _check_ca_file(report: _Report, table: TablePath, ca_file: Path | None) -> None:
+    if ca_file is not None and _read_named_file(report, table, "ca_file", ca_file):
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         try:
-            context.load_verify_locations(cafile=route.ca_file)
+            context.load_verify_locations(cafile=ca_file)
         except ssl.SSLError:
-            report.error(table, "ca_file", f"{_quote(route.ca_file)} holds no PEM certificate")
+            report.error(table, "ca_file", f"{_quote(ca_file)} holds no PEM certificate")
