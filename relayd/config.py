@@ -34,6 +34,7 @@ ListenerTLS = Literal["none", "starttls", "implicit"]
 RouteTLS = Literal["starttls", "implicit", "none"]
 RouteTransport = Literal["smtp", "lmtp", "maildir"]
 DeliveryTLS = Literal["opportunistic", "required", "verify", "none"]
+DNSSEC = Literal["off", "trust-ad"]
 SPFAction = Literal["reject", "tag"]
 DMARCAction = Literal["tag", "reject"]
 LogTarget = Literal["auto", "journald", "stderr"]
@@ -209,6 +210,8 @@ class DeliveryConfig:
 class DNSConfig:
     nameservers: tuple[HostPort, ...] = ()  # empty: the system resolver
     timeout: float = 5.0
+    # "trust-ad": the resolver validates DNSSEC and relayd believes its AD bit (DANE).
+    dnssec: DNSSEC = "off"
 
 
 @dataclass(frozen=True)
@@ -301,7 +304,7 @@ SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
         "ca_file",
     ),
     "[[route]]": ("domain", "via", "username", "password_file", "tls", "tls_verify", "ca_file"),
-    "[dns]": ("nameservers", "timeout"),
+    "[dns]": ("nameservers", "timeout", "dnssec"),
     "[control]": ("socket", "group"),
     "[local]": ("socket",),
     "[logging]": ("level", "target"),
@@ -967,6 +970,7 @@ _LISTENER_MODES: Final[tuple[ListenerMode, ...]] = get_args(ListenerMode)
 _LISTENER_TLS: Final[tuple[ListenerTLS, ...]] = get_args(ListenerTLS)
 _ROUTE_TLS: Final[tuple[RouteTLS, ...]] = get_args(RouteTLS)
 _DELIVERY_TLS: Final[tuple[DeliveryTLS, ...]] = get_args(DeliveryTLS)
+_DNSSEC: Final[tuple[DNSSEC, ...]] = get_args(DNSSEC)
 _SPF_ACTIONS: Final[tuple[SPFAction, ...]] = get_args(SPFAction)
 _DMARC_ACTIONS: Final[tuple[DMARCAction, ...]] = get_args(DMARCAction)
 _LOG_TARGETS: Final[tuple[LogTarget, ...]] = get_args(LogTarget)
@@ -1397,6 +1401,7 @@ def _read_dns(loader: _Loader) -> DNSConfig:
     return DNSConfig(
         nameservers=section.get("nameservers", _array(nameserver, '["127.0.0.1"]'), ()),
         timeout=section.get("timeout", _duration(False), DNSConfig().timeout),
+        dnssec=section.get("dnssec", _choice(_DNSSEC), DNSConfig().dnssec),
     )
 
 
