@@ -217,6 +217,12 @@ def test_install_md_walk_sends_dkim_signed_mail(
     assert 'name = "smtp"' not in config
     tree.config.write_text(on_this_machine(config, d, ports, dns_server.address, mx_pool.port))
 
+    # Too early for the check, as step 2 says: it names both missing files in one run.
+    early = tree.run("relayd", "--check-config")
+    assert early.returncode == 1
+    assert "fullchain.pem" in early.stderr and "example.com.s1.key" in early.stderr, early.stderr
+    assert "relayctl dkim keygen example.com s1" in early.stderr, early.stderr
+
     # Step 3: the certificate, where the certbot deploy hook installs it.
     cert, key = server_cert_files(tmp_path, HOSTNAME, "127.0.0.1")
     for src, name in ((cert, "fullchain.pem"), (key, "privkey.pem")):
