@@ -181,12 +181,15 @@ def step2_configure(text: str) -> str:
     return text
 
 
-def on_this_machine(text: str, destdir: Path, ports: dict[str, int], dns: str, mx: int) -> str:
+def on_this_machine(
+    text: str, destdir: Path | None, ports: dict[str, int], dns: str, mx: int
+) -> str:
     """What the test host needs instead: loopback ports, staged paths, test DNS and MX port."""
     text = text.replace('"0.0.0.0:587"', f'"127.0.0.1:{ports["submission"]}"')
     text = text.replace('"0.0.0.0:465"', f'"127.0.0.1:{ports["submissions"]}"')
     for root in ("/etc/relayd", "/var/spool/relayd", "/run/relayd"):
-        text = text.replace(f'"{root}', f'"{destdir}{root}')
+        if destdir is not None:
+            text = text.replace(f'"{root}', f'"{destdir}{root}')
     text = text.replace('# nameservers = ["127.0.0.1", "[::1]:53"]', f'nameservers = ["{dns}"]')
     text = text.replace("\nport = 25\n", f"\nport = {mx}\n", 1)
     text = text.replace('min_free_space = "100MB"', 'min_free_space = "1MB"')
