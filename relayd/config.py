@@ -1567,7 +1567,33 @@ def check_files(config: Config) -> tuple[list[str], list[str]]:
         _check_route_files(report, ("route", index), route)
     _check_ca_file(report, ("delivery",), config.delivery.ca_file)
     _check_control_group(report, config.control.group)
+    _check_daemon_access(report, config)
     return report.error_lines(), report.warning_lines()
+
+
+def _check_daemon_access(report: _Report, config: Config, user: str | None = None) -> None:
+    """Run as root: could the daemon's user (relayd.service's User=) read each file?"""
+    from relayd.daemon_user import DAEMON_USER, daemon_user
+
+    who = daemon_user(user or DAEMON_USER)
+    if who is None:
+        return
+    named: list[tuple[TablePath, str, Path | None]] = [
+        (("tls",), "cert", config.tls.cert),
+        (("tls",), "key", config.tls.key),
+        (("auth",), "users_file", config.auth.users_file),
+        (("relay",), "recipients_file", config.relay.recipients_file),
+    ]
+    named += [(("dkim", "key", i), "key_file", k.key_file) for i, k in enumerate(config.dkim.keys)]
+    for i, route in enumerate(config.routes):
+        named += [(("route", i), "password_file", route.password_file)]
+        named += [(("route", i), "ca_file", route.ca_file)]
+    for table, key, path in named:
+        if path is None:
+            continue
+        problem = who.cannot_read(path)
+        if problem:
+            report.error(table, key, problem)
 
 
 def _check_control_group(report: _Report, group: str | None) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from relayd import __version__, dkim, log, systemd, workers
+from relayd import __version__, dkim, log, porthold, systemd, workers
 from relayd import dns as relayd_dns
 from relayd.acceptor import AcceptorPool, worker_count
 from relayd.config import Config, ConfigError, check_files, load_config
@@ -200,6 +200,7 @@ class Daemon:
             return problem
 
     async def _reload(self) -> str | None:
+        config = self.config  # until the new one has loaded
         try:
             config = load_config(self.config.source)
             errors, _ = check_files(config)
@@ -214,7 +215,8 @@ class Daemon:
             return self._reload_failed("\n".join(exc.problems))
         except (OSError, ValueError) as exc:
             await self.listeners.apply(self.config.listeners)
-            return self._reload_failed(str(exc))
+            text = _bind_problem(exc, config) if isinstance(exc, OSError) else str(exc)
+            return self._reload_failed(text)
         self._warn_restart_only(config)
         self.config, self.services, self.users = config, services, users
         self.rate_limiter.reconfigure(config.rate_limits)
@@ -371,5 +373,22 @@ def run(config: Config) -> int:
     except OSError as exc:
         # A listener that cannot bind, a spool that cannot be made: relayd
         # cannot start on this config, and a restart loop would not help.
-        log.event("master", f"fatal: {exc}", level=logging.CRITICAL)
+        log.event("master", f"fatal: {_bind_problem(exc, config)}", level=logging.CRITICAL)
         return 78  # EX_CONFIG, so systemd's RestartPreventExitStatus=78 applies
+
+
+def _bind_problem(exc: OSError, config: Config) -> str:
+    """The fatal start error, with who holds a busy port or what permission is missing.
+
+    Still exit status 78: SPEC section 1 has relayd exit 78 whenever it cannot
+    start on its config, and a listener address it cannot bind is part of it.
+    """
+    text = exc.strerror or str(exc)
+    for listener in config.listeners:
+        if f"listener {listener.name}: cannot bind " not in text:
+            continue
+        cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+        hint = porthold.explain(cause.errno, listener.address.host, listener.address.port)
+        if hint:
+            return f"{text}: {hint}"
+    return str(exc)

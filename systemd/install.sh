@@ -185,19 +185,19 @@ next_steps() {
     cat <<EOF
 
 relayd is installed. Next steps (docs/install.md has the details):
-  1. Edit $CONFIG (hostname, listeners, [relay] domains), then check it:
-       relayd --check-config
-  2. Put a TLS certificate and key where [tls] points (e.g. $CONFDIR/tls/,
-     readable by group relayd); with Let's Encrypt use a deploy hook that
-     copies them there and runs 'relayctl reload'.
-  3. Add submission users:      relayctl user add alice@example.com
-  4. Create a DKIM key:         relayctl dkim keygen example.com s1
-     and publish the TXT record it prints.
-  5. Publish DNS records: MX, SPF, DKIM, DMARC, and ask your provider for
-     the PTR (reverse DNS) of this host.
-  6. Start it:                  systemctl enable --now relayd
+  2. Edit $CONFIG: hostname; delete the port 25 listener if relayd only
+     sends (the domain's MX is elsewhere); uncomment [[dkim.key]].
+  3. Put the TLS certificate and key where [tls] points ($CONFDIR/tls/,
+     0640 root:relayd); with Let's Encrypt, a certbot deploy hook copies
+     them there and runs 'relayctl reload'.
+  4. Add submission users:      relayctl user add alice@example.com
+     Create the DKIM key:       relayctl dkim keygen example.com s1
+  5. Check the config:          relayd --check-config
+  6. Publish DNS records: SPF, the DKIM TXT record keygen printed, DMARC,
+     and ask your provider for the PTR (reverse DNS) of this host.
+  7. Start it:                  systemctl enable --now relayd
      Optional socket activation (then no capability is needed):
-       systemctl enable --now relayd.socket relayd-submission.socket relayd-submissions.socket
+       systemctl enable --now relayd-submission.socket relayd-submissions.socket
 EOF
 }
 

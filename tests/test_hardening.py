@@ -9,6 +9,8 @@ a connection slot leaked by a stalled TLS handshake, and smaller ones.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import smtplib
 import socket
 import subprocess
@@ -237,6 +239,39 @@ def _blocked(r: Relayd) -> None:
         blocker.close()
     assert run.returncode == 78
     assert "cannot bind" in run.stderr
+    # The port, and who holds it (this test process), with the way out.
+    port = r.port("inbound")
+    assert f"127.0.0.1:{port} is in use by " in run.stderr
+    assert f"(pid {os.getpid()}); stop it or change [[listener]] address" in run.stderr
+
+
+def test_privileged_port_without_the_capability_says_how_to_fix_it(tmp_path: Path) -> None:
+    """Port 25 as an ordinary process: the log names the capability and the unit."""
+    with Relayd(tmp_path) as r:
+        port = r.port("inbound")
+        r.config_path.write_text(
+            r.config_text().replace(f'address = "127.0.0.1:{port}"', 'address = "127.0.0.1:25"')
+        )
+        if os.geteuid() == 0:
+            if shutil.which("setpriv") is None:
+                pytest.skip("running as root without setpriv to drop CAP_NET_BIND_SERVICE")
+            prefix = ["setpriv", "--inh-caps=-all", "--bounding-set=-net_bind_service"]
+        else:
+            prefix = []
+        start = Path("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        if start.exists() and int(start.read_text()) <= 25:
+            pytest.skip("this kernel lets every process bind port 25")
+        run = subprocess.run(
+            [*prefix, sys.executable, "-m", "relayd.cli", "--config", str(r.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert run.returncode == 78, run.stderr
+    assert "cannot bind 127.0.0.1:25" in run.stderr
+    assert "port 25 is below" in run.stderr
+    assert "CAP_NET_BIND_SERVICE" in run.stderr
+    assert "relayd.service" in run.stderr
 
 
 def test_sasl_method_is_logged_as_used(tmp_path: Path) -> None:
