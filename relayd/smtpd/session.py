@@ -485,7 +485,22 @@ class Session(SMTP):  # type: ignore[misc]
         if len(parts) != 3:
             await self.push("501 5.5.2 Cannot split authentication value")
             return AuthResult(success=False, handled=True)
-        return await self._verify("PLAIN", parts[1], parts[2])
+        authzid, login = parts[0], parts[1]
+        if authzid and authzid.lower() != login.lower():
+            # Acting as another user is not something relayd offers (SPEC §7):
+            # refused before any password is checked.
+            log.event(
+                self.program,
+                f"warning: unknown[{self.client.ip}]: SASL PLAIN authentication failed: "
+                "authorization identity differs from the login",
+                level=logging.WARNING,
+                client_ip=self.client.ip,
+                sasl_username=login.decode("utf-8", "replace"),
+            )
+            reply = "535 5.7.8 Error: authorization identity must be empty or the login"
+            self.services.metrics.refused(reply)
+            return AuthResult(success=False, handled=False, message=reply)
+        return await self._verify("PLAIN", login, parts[2])
 
     async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
         login = await self._auth_blob(args[1] if len(args) > 1 else None, "Username:")
