@@ -33,6 +33,7 @@ from relayd.config import Listener
 from relayd.escape import has_control, printable
 from relayd.policy import identity
 from relayd.policy.acl import may_relay, recipient_verdict
+from relayd.policy.authguard import Outcome, Ticket
 from relayd.policy.verdict import Refuse
 from relayd.smtpd import authresults, dataread, headers
 from relayd.smtpd.content import Content
@@ -466,9 +467,6 @@ class Session(SMTP):  # type: ignore[misc]
         if not self._tls_active():
             await self.push("530 5.7.0 Must issue a STARTTLS command first")
             return
-        if self.services.auth_throttle.blocked(time.time(), self.client.ip):
-            await self._close_with("421 4.7.0 Too many failed authentications; try again later")
-            return
         await super().smtp_AUTH(arg)
 
     async def _close_with(self, reply: str) -> None:
@@ -524,11 +522,19 @@ class Session(SMTP):  # type: ignore[misc]
         return None if not isinstance(blob, bytes) else blob
 
     async def _verify(self, mechanism: str, login: bytes, password: bytes) -> AuthResult:
+        """Check a password within the limits of relayd.policy.authguard (SPEC §7)."""
         name = login.decode("utf-8", "replace")
-        ok = await self.services.users.verify(name, password.decode("utf-8", "replace"))
-        throttle = self.services.auth_throttle
+        guard = self.services.auth_guard
+        ticket = await guard.begin(self.client.ip, name)
+        if ticket.outcome is not Outcome.CHECK:
+            return await self._auth_refused(mechanism, name, ticket)
+        try:
+            ok = await self.services.users.verify(name, password.decode("utf-8", "replace"))
+        except BaseException:
+            guard.abandon(ticket)  # the session went away mid-check: counted as wrong
+            raise
+        delay = await guard.finish(ticket, ok)
         if ok:
-            throttle.success(self.client.ip)
             self.user = name.lower()
             self.sasl_method = mechanism
             return AuthResult(
@@ -536,7 +542,6 @@ class Session(SMTP):  # type: ignore[misc]
                 auth_data=LoginPassword(login, b""),
                 message="235 2.7.0 Authentication successful",
             )
-        throttle.failure(time.time(), self.client.ip)
         log.event(
             self.program,
             f"warning: unknown[{self.client.ip}]: SASL {mechanism} "
@@ -545,10 +550,37 @@ class Session(SMTP):  # type: ignore[misc]
             client_ip=self.client.ip,
             sasl_username=name,
         )
-        delay = throttle.delay(time.time(), self.client.ip)
         if delay > 0:
             await asyncio.sleep(delay)
         reply = "535 5.7.8 Error: authentication failed"
+        self.services.metrics.refused(reply)
+        return AuthResult(success=False, handled=False, message=reply)
+
+    async def _auth_refused(self, mechanism: str, name: str, ticket: Ticket) -> AuthResult:
+        """No password checked: the address, the account or the counts say no."""
+        if ticket.outcome is Outcome.ADDRESS_BLOCKED:
+            why = f"too many failed authentications from {ticket.address}"
+            reply = "421 4.7.0 Too many failed authentications; try again later"
+        elif ticket.outcome is Outcome.BUSY:
+            why = f"too many authentications at once from {ticket.address}"
+            reply = "454 4.7.0 Too many authentications at once; try again later"
+        elif ticket.outcome is Outcome.ACCOUNT_LOCKED:
+            why = "too many failed authentications for this account"
+            reply = "454 4.7.0 Temporary authentication failure; try again later"
+        else:
+            why = "failure counts unavailable"
+            reply = "454 4.7.0 Temporary authentication failure"
+        log.event(
+            self.program,
+            f"warning: unknown[{self.client.ip}]: SASL {mechanism} authentication refused "
+            f"without a password check: {why}",
+            level=logging.WARNING,
+            client_ip=self.client.ip,
+            sasl_username=name,
+        )
+        if reply.startswith("421"):
+            await self._close_with(reply)
+            return AuthResult(success=False, handled=True)
         self.services.metrics.refused(reply)
         return AuthResult(success=False, handled=False, message=reply)
 
