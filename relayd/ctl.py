@@ -589,8 +589,10 @@ def cmd_user(args: argparse.Namespace, config: Config) -> int:
         if args.user_action == "add":
             password = users.read_password(args.password_stdin, prompt=_prompt)
             _warn_if_short(password)
-            users.cmd_user_add(path, args.name, password, args.allow_from or [])
+            note = users.cmd_user_add(path, args.name, password, args.allow_from or [])
             print(f"relayd: user {args.name} added to {path}")
+            if note:
+                print(f"relayctl: warning: {note}", file=sys.stderr)
         elif args.user_action == "passwd":
             password = users.read_password(args.password_stdin, prompt=_prompt)
             _warn_if_short(password)

@@ -32,12 +32,14 @@ import binascii
 import contextlib
 import fcntl
 import getpass
+import grp
 import hashlib
 import hmac
 import logging
 import os
 import re
 import secrets
+import stat
 import sys
 import tempfile
 import tomllib
@@ -54,6 +56,9 @@ from relayd import escape, workers
 from relayd.log import event
 
 FILE_MODE = 0o640
+# The group relayd runs as (systemd/relayd.service Group=, relayd.sysusers):
+# a new users file is readable by it and by nobody else.
+DAEMON_GROUP = "relayd"
 MAX_NAME_LENGTH = 254  # the longest forward-path RFC 5321 allows
 # A hand-edited hash asking for more memory than this is a typo, not a policy.
 MAX_SCRYPT_MEMORY = 1 << 30
@@ -370,28 +375,62 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _keep_ownership(fd: int, path: Path) -> None:
-    """Keep the existing file's group (the daemon reads it through the group)."""
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def _set_ownership(fd: int, path: Path, group: str) -> str | None:
+    """Owner, group and mode for the new version of ``path``; a note when they fall back.
+
+    An existing file keeps its owner (when we are root), group and mode: the
+    operator chose them. A new one gets mode 0640, owner root (relayctl runs
+    as root) and the daemon's group, so the daemon can read it on a fresh
+    install; without that group (a dev or test machine) it keeps the group
+    of whoever runs relayctl, and the note says so.
+    """
+    root = os.geteuid() == 0
     try:
         st = path.stat()
     except FileNotFoundError:
-        return
-    uid = st.st_uid if os.geteuid() == 0 else -1
+        st = None
+    if st is not None:
+        os.fchmod(fd, stat.S_IMODE(st.st_mode))
+        try:
+            os.fchown(fd, st.st_uid if root else -1, st.st_gid)
+        except PermissionError as exc:
+            raise UserError(
+                f"{path}: cannot keep its group (gid {st.st_gid}); run as root or as a member "
+                "of that group"
+            ) from exc
+        return None
+    os.fchmod(fd, FILE_MODE)
     try:
-        os.fchown(fd, uid, st.st_gid)
-    except PermissionError as exc:
-        raise UserError(
-            f"{path}: cannot keep its group (gid {st.st_gid}); run as root or as a member "
-            "of that group"
-        ) from exc
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        mine = _group_name(os.getegid())
+        return (
+            f"group {group} (the daemon's) does not exist; {path} is group {mine} instead, "
+            "make sure the daemon can read it"
+        )
+    try:
+        os.fchown(fd, 0 if root else -1, gid)
+    except PermissionError:
+        mine = _group_name(os.getegid())
+        return (
+            f"cannot give {path} to group {group} without root; it is group {mine} instead, "
+            f"run `chgrp {group} {path}` as root"
+        )
+    return None
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def _write_atomically(path: Path, text: str, group: str = DAEMON_GROUP) -> str | None:
     """tmp in the same directory, fsync, rename, fsync dir: readers see old or new."""
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, FILE_MODE)
-        _keep_ownership(fd, path)
+        note = _set_ownership(fd, path, group)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             fd = -1
             handle.write(text)
@@ -405,6 +444,7 @@ def _write_atomically(path: Path, text: str) -> None:
             os.unlink(tmp_name)
         raise
     _fsync_dir(path.parent)
+    return note
 
 
 @contextlib.contextmanager
@@ -449,8 +489,10 @@ class UserDB:
         db._entries = _entries_from_toml(path, text, data)
         return db
 
-    def save(self, path: Path | str) -> None:
-        """Write atomically with mode 0640, keeping the existing file's group."""
+    def save(self, path: Path | str, group: str = DAEMON_GROUP) -> str | None:
+        """Write atomically; a new file is 0640 root:``group``, an existing one keeps
+        its owner, group and mode. Returns a note when the group had to fall back.
+        """
         path = Path(path)
         data = {
             "users": {
@@ -459,7 +501,7 @@ class UserDB:
             }
         }
         try:
-            _write_atomically(path, _HEADER + tomli_w.dumps(data))
+            return _write_atomically(path, _HEADER + tomli_w.dumps(data), group)
         except OSError as exc:
             raise UserError(f"{path}: cannot write: {exc.strerror}") from exc
 
@@ -613,12 +655,17 @@ def cmd_user_add(
     allow_from: Iterable[str] = (),
     *,
     params: HashParams = DEFAULT_PARAMS,
-) -> None:
-    """``relayctl user add NAME [--allow-from PATTERN ...]``."""
+    group: str = DAEMON_GROUP,
+) -> str | None:
+    """``relayctl user add NAME [--allow-from PATTERN ...]``.
+
+    Creates the file, when missing, 0640 root:``group`` (SPEC §9); returns a
+    note for the operator when that group could not be used.
+    """
     with _locked(Path(path)):
         db = UserDB.load(path, params)
         db.add(name, password, allow_from)
-        db.save(path)
+        return db.save(path, group)
 
 
 def cmd_user_passwd(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import grp
 import io
 import logging
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from relayd.users import (
+    DAEMON_GROUP,
     DEFAULT_PARAMS,
     Argon2Params,
     ScryptParams,
@@ -189,6 +191,57 @@ def test_save_replaces_the_file_atomically_keeping_its_group(users_file: Path) -
     assert after.st_gid == other[0]
     assert after.st_ino != before.st_ino  # a new file renamed over, never rewritten in place
     assert stat.S_IMODE(after.st_mode) == 0o640
+
+
+def _another_group() -> grp.struct_group | None:
+    """An existing group other than ours, to stand in for the daemon's group."""
+    for group in grp.getgrall():
+        if group.gr_gid != os.getegid() and group.gr_name != DAEMON_GROUP:
+            return group
+    return None
+
+
+def test_daemon_group_is_the_one_the_service_runs_as() -> None:
+    unit = (Path(__file__).parent.parent / "systemd" / "relayd.service").read_text()
+    assert f"Group={DAEMON_GROUP}\n" in unit
+
+
+def test_a_new_file_is_0640_root_and_the_daemons_group(users_file: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root can give the file to another group")
+    daemon = _another_group()
+    if daemon is None:
+        pytest.skip("needs a second group")
+    note = cmd_user_add(
+        users_file, "alice@example.com", "pw", [], params=FAST, group=daemon.gr_name
+    )
+    st = users_file.stat()
+    assert note is None
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, daemon.gr_gid, 0o640)
+
+
+def test_without_the_daemons_group_the_file_keeps_ours_and_says_so(users_file: Path) -> None:
+    note = cmd_user_add(
+        users_file, "alice@example.com", "pw", [], params=FAST, group="no-such-group-relayd"
+    )
+    st = users_file.stat()
+    assert st.st_gid == os.getegid()
+    assert stat.S_IMODE(st.st_mode) == 0o640
+    assert note is not None and "no-such-group-relayd" in note and "does not exist" in note
+
+
+def test_an_existing_file_keeps_its_owner_group_and_mode(users_file: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root can set another owner")
+    add(users_file, "alice@example.com")
+    os.chown(users_file, 4243, 4244)
+    os.chmod(users_file, 0o600)
+
+    assert cmd_user_add(users_file, "bob@example.com", "pw", [], params=FAST) is None
+    cmd_user_passwd(users_file, "alice@example.com", "new", params=FAST)
+
+    st = users_file.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (4243, 4244, 0o600)
 
 
 def test_save_into_a_missing_directory_says_so(tmp_path: Path) -> None:
