@@ -236,6 +236,10 @@ class AuthLedger:
             ).fetchone()
         return int(count)
 
+    def blocked(self, now: float, ip: str) -> bool:
+        """True when the address has used up its wrong passwords (nothing is reserved)."""
+        return self.address_failures(now, ip) >= self.limits.max_failures
+
     # ---- for tests and operators ------------------------------------------------
 
     def address_failures(self, now: float, ip: str) -> int:
@@ -333,6 +337,21 @@ class AuthGuard:
                 return ticket
             await asyncio.sleep(pause)
             pause = min(0.5, pause * 2)
+
+    async def blocked(self, ip: str) -> bool:
+        """Cheap early answer at the AUTH command, before credentials are read.
+
+        :meth:`begin` decides again, atomically; this only spares a blocked
+        client the exchange.
+        """
+        try:
+            return bool(await workers.AUTHDB.run(self._blocked, ip))
+        except sqlite3.Error as exc:
+            self._failed(exc)
+            return False
+
+    def _blocked(self, ip: str) -> bool:
+        return self._get().blocked(time.time(), ip)
 
     async def finish(self, ticket: Ticket, ok: bool) -> float:
         """Record the result; the delay to wait before answering a wrong password."""

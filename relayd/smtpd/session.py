@@ -34,6 +34,7 @@ from relayd.escape import has_control, printable
 from relayd.policy import identity
 from relayd.policy.acl import may_relay, recipient_verdict
 from relayd.policy.authguard import Outcome, Ticket
+from relayd.policy.ratelimit import client_key
 from relayd.policy.verdict import Refuse
 from relayd.smtpd import authresults, dataread, headers
 from relayd.smtpd.content import Content
@@ -466,6 +467,12 @@ class Session(SMTP):  # type: ignore[misc]
             return
         if not self._tls_active():
             await self.push("530 5.7.0 Must issue a STARTTLS command first")
+            return
+        if await self.services.auth_guard.blocked(self.client.ip):
+            mechanism = (arg or "").split(" ", 1)[0].upper()
+            mechanism = mechanism if mechanism in ("PLAIN", "LOGIN") else "AUTH"
+            blocked = Ticket(Outcome.ADDRESS_BLOCKED, address=client_key(self.client.ip))
+            await self._auth_refused(mechanism, "", blocked)
             return
         await super().smtp_AUTH(arg)
 
