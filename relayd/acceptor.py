@@ -36,6 +36,7 @@ from relayd import log
 from relayd.config import Config, ConfigError, load_config
 from relayd.metrics import Metrics
 from relayd.policy import ratelimit
+from relayd.policy.authguard import AuthGuard
 from relayd.smtpd.listener import Listeners
 from relayd.smtpd.services import Services
 from relayd.spool.model import Envelope
@@ -208,9 +209,7 @@ class Acceptor:
             connections=ratelimit.ConnectionCounter(
                 config.limits.max_connections, config.limits.max_connections_per_ip
             ),
-            auth_throttle=ratelimit.AuthThrottle(
-                config.auth.max_failures, config.auth.failure_window
-            ),
+            auth_guard=AuthGuard.in_spool(config.spool.path, config.auth),
             rate_limiter=ratelimit.RateLimiter(config.rate_limits),
             enqueue=self._enqueue,
             free_space=self.spool.free_space,

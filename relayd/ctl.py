@@ -589,8 +589,10 @@ def cmd_user(args: argparse.Namespace, config: Config) -> int:
         if args.user_action == "add":
             password = users.read_password(args.password_stdin, prompt=_prompt)
             _warn_if_short(password)
-            users.cmd_user_add(path, args.name, password, args.allow_from or [])
+            note = users.cmd_user_add(path, args.name, password, args.allow_from or [])
             print(f"relayd: user {args.name} added to {path}")
+            if note:
+                print(f"relayctl: warning: {note}", file=sys.stderr)
         elif args.user_action == "passwd":
             password = users.read_password(args.password_stdin, prompt=_prompt)
             _warn_if_short(password)
@@ -600,7 +602,7 @@ def cmd_user(args: argparse.Namespace, config: Config) -> int:
             users.cmd_user_del(path, args.name)
             print(f"relayd: user {args.name} deleted")
         else:
-            _print_users(users.cmd_user_list(path), args.json)
+            _print_users(users.cmd_user_list(path), args.json, set(users.cmd_user_legacy(path)))
     except users.UserError as exc:
         raise Failed(str(exc)) from exc
     except OSError as exc:
@@ -621,11 +623,22 @@ def _warn_if_short(password: str) -> None:
         )
 
 
-def _print_users(listing: list[Any], as_json: bool) -> None:
+def _print_users(listing: list[Any], as_json: bool, legacy: set[str] | None = None) -> None:
+    """Users and their senders; ``legacy`` names those still on a scrypt hash."""
+    legacy = legacy or set()
     if as_json:
         print(
             json.dumps(
-                {"users": [{"name": u.name, "allow_from": list(u.allow_from)} for u in listing]}
+                {
+                    "users": [
+                        {
+                            "name": u.name,
+                            "allow_from": list(u.allow_from),
+                            "hash": "scrypt" if u.name in legacy else "argon2id",
+                        }
+                        for u in listing
+                    ]
+                }
             )
         )
         return
@@ -634,7 +647,8 @@ def _print_users(listing: list[Any], as_json: bool) -> None:
     for u in listing:
         owned = [u.name] if "@" in u.name else []
         senders = printable(", ".join(owned + list(u.allow_from)) or "-")
-        print(f"{printable(u.name):<{width}}  {senders}")
+        note = "  (old scrypt hash: run relayctl user passwd)" if u.name in legacy else ""
+        print(f"{printable(u.name):<{width}}  {senders}{note}")
 
 
 def dkim_key_path(config: Config, domain: str, selector: str) -> tuple[Path, bool]:

@@ -12,6 +12,7 @@ import argparse
 import getpass
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from relayd.config import Config
@@ -74,11 +75,30 @@ def cmd_user_test(args: argparse.Namespace, config: Config) -> int:
         print(f"relayctl: {exc}", file=sys.stderr)
         return EXIT_FAILED
     ok = db.get(args.name) is not None and db.verify(args.name, password)
+    if ok and db.legacy_hash(args.name):
+        _upgrade(config.auth.users_file, args.name, password)
     if args.json:
         print(json.dumps({"user": args.name, "ok": ok}))
     else:
         print(f"relayd: password for {args.name} {'is correct' if ok else 'does NOT match'}")
     return EXIT_OK if ok else EXIT_FAILED
+
+
+def _upgrade(path: Path, name: str, password: str) -> None:
+    """The password is known good: store the user's old scrypt hash as argon2id."""
+    from relayd import users
+
+    try:
+        changed = users.cmd_user_upgrade(path, name, password)
+    except (users.UserError, OSError) as exc:
+        print(
+            f"relayctl: {name} still has a scrypt hash; cannot rewrite {path} ({exc}); "
+            f"run `relayctl user passwd {name}` as root",
+            file=sys.stderr,
+        )
+        return
+    if changed:
+        print(f"relayctl: the scrypt hash of {name} is now stored as argon2id", file=sys.stderr)
 
 
 def cmd_dkim_show(args: argparse.Namespace, config: Config) -> int:

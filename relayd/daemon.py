@@ -30,6 +30,7 @@ from relayd.delivery.verify import RecipientProber
 from relayd.local.server import LocalSubmission
 from relayd.metrics import Metrics, MetricsServer
 from relayd.policy import ratelimit, sender
+from relayd.policy.authguard import AuthGuard
 from relayd.policy.recipients import RecipientChecks, RecipientsFile
 from relayd.policy.verdict import Verdict
 from relayd.scheduler import Scheduler
@@ -64,9 +65,7 @@ class Daemon:
         self.metrics_server = MetricsServer(self.metrics.render)
         self.users = UserStore(config.auth.users_file)
         self.rate_limiter = ratelimit.RateLimiter(config.rate_limits)
-        self.auth_throttle = ratelimit.AuthThrottle(
-            config.auth.max_failures, config.auth.failure_window
-        )
+        self.auth_guard = AuthGuard.in_spool(config.spool.path, config.auth)
         self.connections = ratelimit.ConnectionCounter(
             config.limits.max_connections, config.limits.max_connections_per_ip
         )
@@ -91,7 +90,7 @@ class Daemon:
             config,
             users=users or self.users,
             connections=self.connections,
-            auth_throttle=self.auth_throttle,
+            auth_guard=self.auth_guard,
             rate_limiter=self.rate_limiter,
             enqueue=self._enqueue,
             free_space=self.spool.free_space,
@@ -221,7 +220,7 @@ class Daemon:
         self.config, self.services, self.users = config, services, users
         self.rate_limiter.reconfigure(config.rate_limits)
         self.connections.reconfigure(config.limits)
-        self.auth_throttle.reconfigure(config.auth)
+        self.auth_guard.reconfigure(config.auth)
         self.prober.reconfigure(config, relayd_dns.make_resolver(config.dns))
         old_agent = self.agent
         self.agent = _agent(config)
@@ -285,7 +284,7 @@ def build_services(
     *,
     users: UserStore,
     connections: ratelimit.ConnectionCounter,
-    auth_throttle: ratelimit.AuthThrottle,
+    auth_guard: AuthGuard,
     rate_limiter: ratelimit.RateLimiter,
     enqueue: Callable[[Envelope, bytes, Tail | None], Awaitable[None]],
     free_space: Callable[[], int],
@@ -311,7 +310,7 @@ def build_services(
         tls_context=tls,
         users=users,
         connections=connections,
-        auth_throttle=auth_throttle,
+        auth_guard=auth_guard,
         rate_limiter=rate_limiter,
         enqueue=enqueue,
         sender_verdict=sender_verdict,

@@ -60,6 +60,7 @@ _REASONS: Final[Mapping[tuple[str, str], str]] = {
     ("452", "4.3.1"): "spool_full",
     ("451", "4.3.0"): "spool_error",
     ("452", "4.5.3"): "too_many_recipients",
+    ("454", "4.7.0"): "auth_throttled",  # too many AUTH at once, or the account is locked
 }
 _BY_TEXT: Final[Mapping[str, tuple[str, str]]] = {
     "authentication": ("421", "auth_throttled"),

@@ -8,9 +8,11 @@ wait behind another:
 - ``VERIFY``: inbound DKIM verification (body hash and signature
   arithmetic; the key lookups themselves are asyncio DNS, not threads);
 - ``SPF``: pyspf, which is synchronous and waits on DNS in its thread;
-- ``SIGN``: DKIM signing of our own users' mail.
-
-(Password hashing has its own pool in relayd.users.)
+- ``SIGN``: DKIM signing of our own users' mail;
+- ``HASH``: password checks (Argon2id, about 80 ms of one core each), which
+  relayd.users.UserStore runs here;
+- ``AUTHDB``: the shared AUTH failure counts (relayd.policy.authguard), one
+  thread holding the SQLite connection.
 
 A pool also bounds its queue: at most ``workers + queue`` jobs are handed
 to its threads at once; further callers wait on the event loop, where
@@ -72,5 +74,7 @@ class Pool:
 VERIFY = Pool("verify", workers=2, queue=6)
 SPF = Pool("spf", workers=8, queue=8)
 SIGN = Pool("sign", workers=2, queue=6)
+HASH = Pool("hash", workers=2, queue=6)
+AUTHDB = Pool("authdb", workers=1, queue=64)
 
-__all__ = ["SIGN", "SPF", "VERIFY", "Pool"]
+__all__ = ["AUTHDB", "HASH", "SIGN", "SPF", "VERIFY", "Pool"]

@@ -1,4 +1,4 @@
-"""Rate limits, AUTH throttling and connection counts, driven by a fake clock."""
+"""Rate limits and connection counts, driven by a fake clock."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relayd.config import AuthConfig, Limits, Rate, RateLimits
+from relayd.config import Limits, Rate, RateLimits
 from relayd.policy.ratelimit import (
-    AuthThrottle,
     ConnectionCounter,
     RateLimiter,
     client_key,
@@ -204,62 +203,6 @@ def test_retry_time_is_never_early_and_always_enough(
             wait = refused_wait(verdict)
             assert limiter.check(now + wait, "192.0.2.1") is None
             now += wait
-
-
-# -- AUTH throttling --------------------------------------------------------------
-
-
-def test_auth_failures_slow_down_then_block_then_expire() -> None:
-    throttle = AuthThrottle(max_failures=3, failure_window=300.0)
-    ip = "192.0.2.5"
-    assert throttle.delay(T0, ip) == 0.0
-    delays = []
-    for i in range(3):
-        assert not throttle.blocked(T0 + i, ip)
-        throttle.failure(T0 + i, ip)
-        delays.append(throttle.delay(T0 + i, ip))
-    assert delays == sorted(delays) and delays[0] > 0
-    assert throttle.blocked(T0 + 3, ip)
-    assert not throttle.blocked(T0 + 3, "192.0.2.6")
-    assert throttle.retry_after(T0 + 3, ip) == pytest.approx(297.0)
-    assert throttle.blocked(T0 + 299, ip)
-    assert not throttle.blocked(T0 + 300, ip)  # the first failure left the window
-    assert not throttle.blocked(T0 + 400, ip)
-    assert throttle.delay(T0 + 400, ip) == 0.0
-
-
-def test_auth_success_resets() -> None:
-    throttle = AuthThrottle(max_failures=2, failure_window=60.0)
-    throttle.failure(T0, "192.0.2.5")
-    throttle.failure(T0, "192.0.2.5")
-    assert throttle.blocked(T0, "192.0.2.5")
-    throttle.success("192.0.2.5")
-    assert not throttle.blocked(T0, "192.0.2.5")
-    assert throttle.delay(T0, "192.0.2.5") == 0.0
-
-
-def test_auth_delay_is_capped() -> None:
-    throttle = AuthThrottle(max_failures=100, failure_window=60.0, max_delay=4.0)
-    for _ in range(50):
-        throttle.failure(T0, "192.0.2.5")
-    assert throttle.delay(T0, "192.0.2.5") == 4.0
-
-
-def test_auth_memory_is_bounded() -> None:
-    throttle = AuthThrottle.from_config(AuthConfig(max_failures=5, failure_window=300.0), 1000)
-    for i in range(100_000):
-        throttle.failure(T0 + i * 0.001, f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}")
-    assert throttle.tracked() <= 1000
-    throttle.failure(T0 + 1000, "192.0.2.1")
-    assert throttle.tracked() == 1  # everything else has left its window
-
-
-def test_auth_reconfigure_keeps_failures() -> None:
-    throttle = AuthThrottle(max_failures=5, failure_window=300.0)
-    for i in range(3):
-        throttle.failure(T0 + i, "192.0.2.5")
-    throttle.reconfigure(AuthConfig(max_failures=3, failure_window=300.0))
-    assert throttle.blocked(T0 + 3, "192.0.2.5")
 
 
 # -- connections -------------------------------------------------------------------

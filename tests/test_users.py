@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import grp
 import io
 import logging
 import os
@@ -18,23 +19,29 @@ from pathlib import Path
 import pytest
 
 from relayd.users import (
+    DAEMON_GROUP,
     DEFAULT_PARAMS,
+    Argon2Params,
     ScryptParams,
     User,
     UserDB,
     UserError,
     UserFileError,
     UserStore,
+    check_password,
     cmd_user_add,
     cmd_user_del,
+    cmd_user_legacy,
     cmd_user_list,
     cmd_user_passwd,
+    cmd_user_upgrade,
     hash_password,
     read_password,
 )
 
 # Cheap hashes keep the tests fast; production always uses DEFAULT_PARAMS.
-FAST = ScryptParams(n=16, r=1, p=1)
+FAST = Argon2Params(time_cost=1, memory_kib=64)
+OLD_SCRYPT = ScryptParams(n=16, r=1, p=1)
 
 
 @pytest.fixture
@@ -78,7 +85,7 @@ def test_the_file_is_readable_toml_without_passwords(users_file: Path) -> None:
     assert text.startswith("# relayd submission users")
     entry = tomllib.loads(text)["users"]["alice@example.com"]
     assert entry["allow_from"] == ["*@example.com"]
-    assert entry["hash"].startswith("scrypt$16$1$1$")
+    assert entry["hash"].startswith("$argon2id$v=19$m=64,t=1,p=1$")
 
 
 def test_missing_file_is_an_empty_user_list(users_file: Path) -> None:
@@ -186,14 +193,105 @@ def test_save_replaces_the_file_atomically_keeping_its_group(users_file: Path) -
     assert stat.S_IMODE(after.st_mode) == 0o640
 
 
+def _another_group() -> grp.struct_group | None:
+    """An existing group other than ours, to stand in for the daemon's group."""
+    for group in grp.getgrall():
+        if group.gr_gid != os.getegid() and group.gr_name != DAEMON_GROUP:
+            return group
+    return None
+
+
+def test_daemon_group_is_the_one_the_service_runs_as() -> None:
+    unit = (Path(__file__).parent.parent / "systemd" / "relayd.service").read_text()
+    assert f"Group={DAEMON_GROUP}\n" in unit
+
+
+def test_a_new_file_is_0640_root_and_the_daemons_group(users_file: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root can give the file to another group")
+    daemon = _another_group()
+    if daemon is None:
+        pytest.skip("needs a second group")
+    note = cmd_user_add(
+        users_file, "alice@example.com", "pw", [], params=FAST, group=daemon.gr_name
+    )
+    st = users_file.stat()
+    assert note is None
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, daemon.gr_gid, 0o640)
+
+
+def test_without_the_daemons_group_the_file_keeps_ours_and_says_so(users_file: Path) -> None:
+    note = cmd_user_add(
+        users_file, "alice@example.com", "pw", [], params=FAST, group="no-such-group-relayd"
+    )
+    st = users_file.stat()
+    assert st.st_gid == os.getegid()
+    assert stat.S_IMODE(st.st_mode) == 0o640
+    assert note is not None and "no-such-group-relayd" in note and "does not exist" in note
+
+
+def test_an_existing_file_keeps_its_owner_group_and_mode(users_file: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root can set another owner")
+    add(users_file, "alice@example.com")
+    os.chown(users_file, 4243, 4244)
+    os.chmod(users_file, 0o600)
+
+    assert cmd_user_add(users_file, "bob@example.com", "pw", [], params=FAST) is None
+    cmd_user_passwd(users_file, "alice@example.com", "new", params=FAST)
+
+    st = users_file.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (4243, 4244, 0o600)
+
+
 def test_save_into_a_missing_directory_says_so(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no-such-dir"):
         add(tmp_path / "no-such-dir" / "users", "alice@example.com")
 
 
-def test_default_hash_cost_is_not_weakened() -> None:
-    assert hash_password("pw").startswith("scrypt$32768$8$1$")
-    assert ScryptParams(n=2**15, r=8, p=1) == DEFAULT_PARAMS
+def test_default_hash_is_argon2id_and_not_weakened() -> None:
+    assert hash_password("pw").startswith("$argon2id$v=19$m=32768,t=3,p=1$")
+    assert Argon2Params(time_cost=3, memory_kib=32768, parallelism=1) == DEFAULT_PARAMS
+
+
+def test_default_argon2id_verify_stays_under_a_quarter_second() -> None:
+    encoded = hash_password("pw")
+    assert _median_seconds(lambda: check_password("pw", encoded), runs=3) < 0.25
+
+
+def test_old_scrypt_hashes_still_verify_and_relayctl_test_upgrades_them(
+    users_file: Path,
+) -> None:
+    cmd_user_add(users_file, "alice@example.com", "pw", [], params=OLD_SCRYPT)
+    assert tomllib.loads(users_file.read_text())["users"]["alice@example.com"]["hash"].startswith(
+        "scrypt$"
+    )
+    db = UserDB.load(users_file)
+    assert db.verify("alice@example.com", "pw")
+    assert not db.verify("alice@example.com", "wrong")
+    assert cmd_user_legacy(users_file) == ["alice@example.com"]
+    assert not cmd_user_upgrade(users_file, "alice@example.com", "wrong")
+    assert cmd_user_legacy(users_file) == ["alice@example.com"]
+    assert cmd_user_upgrade(users_file, "alice@example.com", "pw")
+    stored = tomllib.loads(users_file.read_text())["users"]["alice@example.com"]["hash"]
+    assert stored.startswith("$argon2id$")
+    assert cmd_user_legacy(users_file) == []
+    assert UserDB.load(users_file).verify("alice@example.com", "pw")
+
+
+def test_passwd_moves_a_scrypt_user_to_argon2id(users_file: Path) -> None:
+    cmd_user_add(users_file, "alice@example.com", "pw", [], params=OLD_SCRYPT)
+    cmd_user_passwd(users_file, "alice@example.com", "new pw", params=Argon2Params(1, 1024, 1))
+    assert cmd_user_legacy(users_file) == []
+    assert UserDB.load(users_file).verify("alice@example.com", "new pw")
+
+
+def test_unknown_user_is_checked_against_an_argon2id_dummy(users_file: Path) -> None:
+    cmd_user_add(users_file, "alice@example.com", "pw", [])
+    db = UserDB.load(users_file)
+    known = _median_seconds(lambda: db.verify("alice@example.com", "wrong"), runs=3)
+    unknown = _median_seconds(lambda: db.verify("mallory@example.com", "wrong"), runs=3)
+    assert 0.5 < unknown / known < 2
 
 
 def test_hashes_keep_their_own_parameters(users_file: Path) -> None:

@@ -1,4 +1,4 @@
-"""Rate limits, failed-AUTH throttling and connection counts.
+"""Rate limits and connection counts (wrong passwords: relayd.policy.authguard).
 
 Message limits use a sliding-window counter per key: the count in the
 current fixed window plus the previous window's count weighted by how much
@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass
 
-from relayd.config import AuthConfig, Limits, Rate, RateLimits
+from relayd.config import Limits, Rate, RateLimits
 from relayd.policy.verdict import Refuse, Verdict
 
 DEFAULT_MAX_KEYS = 50_000
@@ -227,91 +227,6 @@ def _refusal(hit: _Hit) -> Refuse:
     )
 
 
-class AuthThrottle:
-    """Failed AUTH attempts per client: slow down replies, then refuse the client.
-
-    After ``max_failures`` failures within ``failure_window`` seconds the
-    client is blocked (the session answers 421 4.7.0) until the oldest of
-    them is older than the window. Each earlier failure doubles the delay
-    before the next reply, from ``base_delay`` up to ``max_delay``.
-    """
-
-    def __init__(
-        self,
-        max_failures: int = 5,
-        failure_window: float = 300.0,
-        max_keys: int = DEFAULT_MAX_KEYS,
-        base_delay: float = 0.5,
-        max_delay: float = 8.0,
-    ) -> None:
-        self.max_failures = max(1, max_failures)
-        self.failure_window = failure_window
-        self.max_keys = max_keys
-        self.base_delay = base_delay
-        self.max_delay = max_delay
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
-
-    @classmethod
-    def from_config(cls, cfg: AuthConfig, max_keys: int = DEFAULT_MAX_KEYS) -> AuthThrottle:
-        return cls(cfg.max_failures, cfg.failure_window, max_keys)
-
-    def reconfigure(self, cfg: AuthConfig) -> None:
-        """Take new thresholds on reload; recorded failures are kept."""
-        self.max_failures = max(1, cfg.max_failures)
-        self.failure_window = cfg.failure_window
-        for key, times in list(self._failures.items()):
-            self._failures[key] = deque(times, maxlen=self.max_failures)
-
-    def tracked(self) -> int:
-        return len(self._failures)
-
-    def _expire(self, now: float) -> None:
-        while self._failures:
-            newest = next(iter(self._failures.values()))[-1]
-            if now - newest < self.failure_window:
-                break
-            self._failures.popitem(last=False)
-
-    def _recent(self, now: float, ip: str) -> list[float]:
-        self._expire(now)
-        times = self._failures.get(client_key(ip), ())
-        return [t for t in times if now - t < self.failure_window]
-
-    def failure(self, now: float, ip: str) -> None:
-        """Record one failed AUTH attempt."""
-        self._expire(now)
-        key = client_key(ip)
-        times = self._failures.get(key)
-        if times is None:
-            times = self._failures[key] = deque(maxlen=self.max_failures)
-            while len(self._failures) > self.max_keys:
-                self._failures.popitem(last=False)
-        times.append(now)
-        self._failures.move_to_end(key)
-
-    def success(self, ip: str) -> None:
-        """A successful AUTH clears the client's record."""
-        self._failures.pop(client_key(ip), None)
-
-    def delay(self, now: float, ip: str) -> float:
-        """Seconds to wait before answering this client's next AUTH."""
-        count = len(self._recent(now, ip))
-        if count == 0:
-            return 0.0
-        return float(min(self.max_delay, self.base_delay * 2 ** (count - 1)))
-
-    def blocked(self, now: float, ip: str) -> bool:
-        """True once the client has used up its failures in the window."""
-        return len(self._recent(now, ip)) >= self.max_failures
-
-    def retry_after(self, now: float, ip: str) -> float:
-        """Seconds until a blocked client may try again (0 if not blocked)."""
-        recent = self._recent(now, ip)
-        if len(recent) < self.max_failures:
-            return 0.0
-        return max(0.0, recent[0] + self.failure_window - now)
-
-
 class ConnectionCounter:
     """Open connections in total and per client, against ``[limits]``.
 
@@ -367,7 +282,6 @@ class ConnectionCounter:
 __all__ = [
     "DEFAULT_MAX_KEYS",
     "LIMIT_NAMES",
-    "AuthThrottle",
     "ConnectionCounter",
     "RateLimiter",
     "client_key",

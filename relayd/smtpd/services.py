@@ -18,6 +18,7 @@ from typing import Protocol
 from relayd.address import Address
 from relayd.config import Config
 from relayd.metrics import Metrics
+from relayd.policy.authguard import Ticket
 from relayd.policy.verdict import Verdict
 from relayd.smtpd.content import Content
 from relayd.spool.model import Envelope
@@ -90,11 +91,13 @@ class Connections(Protocol):
     def release(self, ip: str) -> None: ...
 
 
-class AuthThrottle(Protocol):
-    def blocked(self, now: float, ip: str) -> bool: ...
-    def failure(self, now: float, ip: str) -> None: ...
-    def delay(self, now: float, ip: str) -> float: ...
-    def success(self, ip: str) -> None: ...
+class AuthGuard(Protocol):
+    """Wrong-password counts shared by every process (relayd.policy.authguard)."""
+
+    async def blocked(self, ip: str) -> bool: ...
+    async def begin(self, ip: str, name: str) -> Ticket: ...
+    async def finish(self, ticket: Ticket, ok: bool) -> float: ...
+    def abandon(self, ticket: Ticket) -> None: ...
 
 
 class RecipientCheck(Protocol):
@@ -138,7 +141,7 @@ class Services:
     tls_context: ssl.SSLContext | None
     users: Users
     connections: Connections
-    auth_throttle: AuthThrottle
+    auth_guard: AuthGuard
     rate_limiter: RateLimiter
     # The message is the bytes, then the rest of a file (a large message) when given.
     enqueue: Callable[[Envelope, bytes, Tail | None], Awaitable[None]]

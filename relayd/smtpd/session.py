@@ -33,6 +33,8 @@ from relayd.config import Listener
 from relayd.escape import has_control, printable
 from relayd.policy import identity
 from relayd.policy.acl import may_relay, recipient_verdict
+from relayd.policy.authguard import Outcome, Ticket
+from relayd.policy.ratelimit import client_key
 from relayd.policy.verdict import Refuse
 from relayd.smtpd import authresults, dataread, headers
 from relayd.smtpd.content import Content
@@ -466,8 +468,11 @@ class Session(SMTP):  # type: ignore[misc]
         if not self._tls_active():
             await self.push("530 5.7.0 Must issue a STARTTLS command first")
             return
-        if self.services.auth_throttle.blocked(time.time(), self.client.ip):
-            await self._close_with("421 4.7.0 Too many failed authentications; try again later")
+        if await self.services.auth_guard.blocked(self.client.ip):
+            mechanism = (arg or "").split(" ", 1)[0].upper()
+            mechanism = mechanism if mechanism in ("PLAIN", "LOGIN") else "AUTH"
+            blocked = Ticket(Outcome.ADDRESS_BLOCKED, address=client_key(self.client.ip))
+            await self._auth_refused(mechanism, "", blocked)
             return
         await super().smtp_AUTH(arg)
 
@@ -485,7 +490,22 @@ class Session(SMTP):  # type: ignore[misc]
         if len(parts) != 3:
             await self.push("501 5.5.2 Cannot split authentication value")
             return AuthResult(success=False, handled=True)
-        return await self._verify("PLAIN", parts[1], parts[2])
+        authzid, login = parts[0], parts[1]
+        if authzid and authzid.lower() != login.lower():
+            # Acting as another user is not something relayd offers (SPEC §7):
+            # refused before any password is checked.
+            log.event(
+                self.program,
+                f"warning: unknown[{self.client.ip}]: SASL PLAIN authentication failed: "
+                "authorization identity differs from the login",
+                level=logging.WARNING,
+                client_ip=self.client.ip,
+                sasl_username=login.decode("utf-8", "replace"),
+            )
+            reply = "535 5.7.8 Error: authorization identity must be empty or the login"
+            self.services.metrics.refused(reply)
+            return AuthResult(success=False, handled=False, message=reply)
+        return await self._verify("PLAIN", login, parts[2])
 
     async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
         login = await self._auth_blob(args[1] if len(args) > 1 else None, "Username:")
@@ -509,11 +529,19 @@ class Session(SMTP):  # type: ignore[misc]
         return None if not isinstance(blob, bytes) else blob
 
     async def _verify(self, mechanism: str, login: bytes, password: bytes) -> AuthResult:
+        """Check a password within the limits of relayd.policy.authguard (SPEC §7)."""
         name = login.decode("utf-8", "replace")
-        ok = await self.services.users.verify(name, password.decode("utf-8", "replace"))
-        throttle = self.services.auth_throttle
+        guard = self.services.auth_guard
+        ticket = await guard.begin(self.client.ip, name)
+        if ticket.outcome is not Outcome.CHECK:
+            return await self._auth_refused(mechanism, name, ticket)
+        try:
+            ok = await self.services.users.verify(name, password.decode("utf-8", "replace"))
+        except BaseException:
+            guard.abandon(ticket)  # the session went away mid-check: counted as wrong
+            raise
+        delay = await guard.finish(ticket, ok)
         if ok:
-            throttle.success(self.client.ip)
             self.user = name.lower()
             self.sasl_method = mechanism
             return AuthResult(
@@ -521,7 +549,6 @@ class Session(SMTP):  # type: ignore[misc]
                 auth_data=LoginPassword(login, b""),
                 message="235 2.7.0 Authentication successful",
             )
-        throttle.failure(time.time(), self.client.ip)
         log.event(
             self.program,
             f"warning: unknown[{self.client.ip}]: SASL {mechanism} "
@@ -530,10 +557,37 @@ class Session(SMTP):  # type: ignore[misc]
             client_ip=self.client.ip,
             sasl_username=name,
         )
-        delay = throttle.delay(time.time(), self.client.ip)
         if delay > 0:
             await asyncio.sleep(delay)
         reply = "535 5.7.8 Error: authentication failed"
+        self.services.metrics.refused(reply)
+        return AuthResult(success=False, handled=False, message=reply)
+
+    async def _auth_refused(self, mechanism: str, name: str, ticket: Ticket) -> AuthResult:
+        """No password checked: the address, the account or the counts say no."""
+        if ticket.outcome is Outcome.ADDRESS_BLOCKED:
+            why = f"too many failed authentications from {ticket.address}"
+            reply = "421 4.7.0 Too many failed authentications; try again later"
+        elif ticket.outcome is Outcome.BUSY:
+            why = f"too many authentications at once from {ticket.address}"
+            reply = "454 4.7.0 Too many authentications at once; try again later"
+        elif ticket.outcome is Outcome.ACCOUNT_LOCKED:
+            why = "too many failed authentications for this account"
+            reply = "454 4.7.0 Temporary authentication failure; try again later"
+        else:
+            why = "failure counts unavailable"
+            reply = "454 4.7.0 Temporary authentication failure"
+        log.event(
+            self.program,
+            f"warning: unknown[{self.client.ip}]: SASL {mechanism} authentication refused "
+            f"without a password check: {why}",
+            level=logging.WARNING,
+            client_ip=self.client.ip,
+            sasl_username=name,
+        )
+        if reply.startswith("421"):
+            await self._close_with(reply)
+            return AuthResult(success=False, handled=True)
         self.services.metrics.refused(reply)
         return AuthResult(success=False, handled=False, message=reply)
 

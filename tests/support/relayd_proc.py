@@ -19,9 +19,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from support.certs import client_context, server_cert_files
 from support.ports import free_port
+
+if TYPE_CHECKING:
+    from relayd.users import HashParams
 
 HOSTNAME = "mail.relayd.test"
 
@@ -109,16 +113,14 @@ class Relayd:
     def write_config(self) -> None:
         self.config_path.write_text(self.config_text())
 
-    def add_user(self, name: str, password: str, *allow_from: str) -> None:
-        from relayd.users import ScryptParams, cmd_user_add
+    def add_user(
+        self, name: str, password: str, *allow_from: str, params: HashParams | None = None
+    ) -> None:
+        """A user with a cheap argon2id hash (tests only), or with ``params`` given."""
+        from relayd.users import Argon2Params, cmd_user_add
 
-        cmd_user_add(
-            self.users_file,
-            name,
-            password,
-            list(allow_from),
-            params=ScryptParams(n=2**10, r=8, p=1),
-        )
+        chosen = params or Argon2Params(time_cost=1, memory_kib=1024)
+        cmd_user_add(self.users_file, name, password, list(allow_from), params=chosen)
 
     # ---- process ----------------------------------------------------------------
 
