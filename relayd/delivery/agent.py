@@ -25,11 +25,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from relayd.config import Config, Route
 from relayd.delivery.client import (
     Endpoint,
+    LoopsBack,
     Session,
     SessionError,
     TLSContextFactory,
@@ -69,6 +70,7 @@ class _HopError:
     host: str
     address: str
     port: int
+    tls_policy: str = ""
 
 
 @dataclass
@@ -80,6 +82,8 @@ class _Result:
     address: str = ""
     port: int = 0
     tls: str | None = None
+    tls_policy: str = ""
+    tls_verified: bool = False
 
 
 def domain_of(address: str) -> str:
@@ -202,11 +206,22 @@ class DeliveryAgent:
             try:
                 session = await open_session(self._endpoint(hop, address, policy, credentials))
                 break
+            except LoopsBack as e:
+                # Mail for these domains would come back here: fail it now, once,
+                # rather than let it bounce between us and ourselves until the hop
+                # count runs out. No other MX is tried (Postfix does the same).
+                loop = e.outcome
+                outcomes = {
+                    r: replace(loop, reply=f"mail for {domain_of(r)} loops back to myself")
+                    for r in rcpts
+                }
+                return _Result(outcomes, hop.host, address, hop.port, None, policy.name)
             except SessionError as e:
-                errors.append(_HopError(e.outcome, hop.host, address, hop.port))
+                errors.append(_HopError(e.outcome, hop.host, address, hop.port, policy.name))
         if session is None:
             return None
         tls = session.tls_version  # as negotiated, even if the connection dies mid-message
+        verified = session.verified
         try:
             outcomes = await session.send(
                 envelope.sender,
@@ -218,7 +233,7 @@ class DeliveryAgent:
         except BaseException:  # cancelled mid-message: the session is in no known state
             session.abort()
             raise
-        result = _Result(outcomes, hop.host, session.address, hop.port, tls)
+        result = _Result(outcomes, hop.host, session.address, hop.port, tls, policy.name, verified)
         self._release(key, session)
         return result
 
@@ -239,6 +254,7 @@ class DeliveryAgent:
             credentials=credentials,
             connect_timeout=delivery.connect_timeout,
             command_timeout=delivery.command_timeout,
+            myself=None if hop.route is not None else self._config.hostname,
         )
 
     # -- the idle pool ---------------------------------------------------------
@@ -312,7 +328,13 @@ def _give_up(recipients: list[str], errors: list[_HopError]) -> _Result:
     outcome = last.outcome
     if not all(e.outcome.permanent for e in errors):
         outcome = outcome.softened()
-    return _Result(dict.fromkeys(recipients, outcome), last.host, last.address, last.port)
+    return _Result(
+        dict.fromkeys(recipients, outcome),
+        last.host,
+        last.address,
+        last.port,
+        tls_policy=last.tls_policy,
+    )
 
 
 def _attempts(recipients: list[str], result: _Result, started: float, t0: float) -> list[Attempt]:
@@ -333,6 +355,8 @@ def _attempts(recipients: list[str], result: _Result, started: float, t0: float)
             dsn=outcome.enhanced,
             status=outcome.status,
             duration=duration,
+            tls_policy=result.tls_policy,
+            tls_verified=result.tls_verified,
         )
         for outcome, rcpts in by_outcome.items()
     ]
