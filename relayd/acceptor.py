@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -45,6 +46,8 @@ ENV_FDS = "RELAYD_ACCEPTOR_FDS"  # "name=fd,name=fd": the listening sockets
 ENV_MASTER = "RELAYD_ACCEPTOR_MASTER"  # fd of this acceptor's end of the socketpair
 DRAIN_TIMEOUT = 30.0
 RESPAWN_DELAY = 1.0
+METRICS_PREFIX = b"M "  # a line of session counters, not a queue id
+METRICS_EVERY = 1.0  # seconds between an acceptor's counter reports
 
 
 def worker_count(config: Config) -> int:
@@ -70,6 +73,7 @@ class AcceptorPool:
     config_path: Path
     on_queued: Callable[[str], None]
     on_lost: Callable[[], None]
+    metrics: Metrics | None = None
     workers: list[_Worker] = field(default_factory=list)
     _stopping: bool = False
     _watchers: set[asyncio.Task[None]] = field(default_factory=set)
@@ -119,19 +123,35 @@ class AcceptorPool:
         finally:
             theirs.close()
         reader, writer = await asyncio.open_unix_connection(sock=mine)
-        worker = _Worker(proc, asyncio.create_task(self._read(reader, writer)))
+        worker = _Worker(proc, asyncio.create_task(self._read(proc.pid, reader, writer)))
         self.workers.append(worker)
         watcher = asyncio.create_task(self._watch(worker, fds))
         self._watchers.add(watcher)
         watcher.add_done_callback(self._watchers.discard)
         log.event("master", f"started acceptor process {proc.pid}")
 
-    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _read(
+        self, pid: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Queue ids, one per line; ``M {json}`` lines are the acceptor's session counters."""
         try:
             while line := await reader.readline():
+                if line.startswith(METRICS_PREFIX):
+                    self._absorb(pid, line[len(METRICS_PREFIX) :])
+                    continue
                 self.on_queued(line.decode("ascii", "replace").strip())
         finally:
             writer.close()
+            if self.metrics is not None:
+                self.metrics.retire(pid)
+
+    def _absorb(self, pid: int, payload: bytes) -> None:
+        if self.metrics is None:
+            return
+        with contextlib.suppress(ValueError):
+            counts = json.loads(payload)
+            if isinstance(counts, dict):
+                self.metrics.absorb(pid, counts)
 
     async def _watch(self, worker: _Worker, fds: dict[str, int]) -> None:
         code = await worker.proc.wait()
@@ -200,6 +220,7 @@ class Acceptor:
         self.listeners = Listeners(lambda: self.services)
         self._writer: asyncio.StreamWriter | None = None
         self._stop = asyncio.Event()
+        self._reported: dict[str, list[list[object]]] = {}
 
     async def _enqueue(self, envelope: Envelope, message: bytes, tail: Tail | None) -> None:
         await self.spool.commit(envelope, message, tail)
@@ -215,15 +236,31 @@ class Acceptor:
         await self.listeners.apply(self.config.listeners, inherited)
         orphaned = asyncio.create_task(reader.read())  # EOF: the daemon is gone
         stop = asyncio.create_task(self._stop.wait())
+        reporter = asyncio.create_task(self._report_metrics())
         await asyncio.wait({orphaned, stop}, return_when=asyncio.FIRST_COMPLETED)
         self.listeners.close()
         await self.listeners.drain(DRAIN_TIMEOUT)
+        reporter.cancel()
+        self._send_metrics()
         with contextlib.suppress(Exception):
             await self._writer.drain()
         await self.spool.close()
         for task in (orphaned, stop):
             task.cancel()
         return 0
+
+    async def _report_metrics(self) -> None:
+        """Tell the daemon this process's session counters whenever they changed."""
+        while True:
+            await asyncio.sleep(METRICS_EVERY)
+            self._send_metrics()
+
+    def _send_metrics(self) -> None:
+        counts = self.services.metrics.shared_counts()
+        if counts == self._reported or self._writer is None or self._writer.is_closing():
+            return
+        self._reported = counts
+        self._writer.write(METRICS_PREFIX + json.dumps(counts).encode("ascii") + b"\n")
 
 
 def _inherited() -> tuple[dict[str, list[socket.socket]], socket.socket]:

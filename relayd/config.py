@@ -34,6 +34,7 @@ ListenerTLS = Literal["none", "starttls", "implicit"]
 RouteTLS = Literal["starttls", "implicit", "none"]
 RouteTransport = Literal["smtp", "lmtp", "maildir"]
 DeliveryTLS = Literal["opportunistic", "required", "verify", "none"]
+DNSSEC = Literal["off", "trust-ad"]
 SPFAction = Literal["reject", "tag"]
 DMARCAction = Literal["tag", "reject"]
 LogTarget = Literal["auto", "journald", "stderr"]
@@ -199,12 +200,18 @@ class DeliveryConfig:
     tls: DeliveryTLS = "opportunistic"
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
+    # Extension of SPEC §8: MTA-STS (RFC 8461) for MX delivery; on by default.
+    mta_sts: bool = True
+    # Extra CA certificates trusted for MX hosts and MTA-STS policy servers.
+    ca_file: Path | None = None
 
 
 @dataclass(frozen=True)
 class DNSConfig:
     nameservers: tuple[HostPort, ...] = ()  # empty: the system resolver
     timeout: float = 5.0
+    # "trust-ad": the resolver validates DNSSEC and relayd believes its AD bit (DANE).
+    dnssec: DNSSEC = "off"
 
 
 @dataclass(frozen=True)
@@ -293,9 +300,11 @@ SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
         "tls",
         "connect_timeout",
         "command_timeout",
+        "mta_sts",
+        "ca_file",
     ),
     "[[route]]": ("domain", "via", "username", "password_file", "tls", "tls_verify", "ca_file"),
-    "[dns]": ("nameservers", "timeout"),
+    "[dns]": ("nameservers", "timeout", "dnssec"),
     "[control]": ("socket", "group"),
     "[local]": ("socket",),
     "[logging]": ("level", "target"),
@@ -961,6 +970,7 @@ _LISTENER_MODES: Final[tuple[ListenerMode, ...]] = get_args(ListenerMode)
 _LISTENER_TLS: Final[tuple[ListenerTLS, ...]] = get_args(ListenerTLS)
 _ROUTE_TLS: Final[tuple[RouteTLS, ...]] = get_args(RouteTLS)
 _DELIVERY_TLS: Final[tuple[DeliveryTLS, ...]] = get_args(DeliveryTLS)
+_DNSSEC: Final[tuple[DNSSEC, ...]] = get_args(DNSSEC)
 _SPF_ACTIONS: Final[tuple[SPFAction, ...]] = get_args(SPFAction)
 _DMARC_ACTIONS: Final[tuple[DMARCAction, ...]] = get_args(DMARCAction)
 _LOG_TARGETS: Final[tuple[LogTarget, ...]] = get_args(LogTarget)
@@ -1286,6 +1296,8 @@ def _read_delivery(loader: _Loader) -> DeliveryConfig:
         tls=section.get("tls", _choice(_DELIVERY_TLS), default.tls),
         connect_timeout=section.get("connect_timeout", positive, default.connect_timeout),
         command_timeout=section.get("command_timeout", positive, default.command_timeout),
+        mta_sts=section.get("mta_sts", _boolean, default.mta_sts),
+        ca_file=section.get("ca_file", loader.path(), None),
     )
 
 
@@ -1389,6 +1401,7 @@ def _read_dns(loader: _Loader) -> DNSConfig:
     return DNSConfig(
         nameservers=section.get("nameservers", _array(nameserver, '["127.0.0.1"]'), ()),
         timeout=section.get("timeout", _duration(False), DNSConfig().timeout),
+        dnssec=section.get("dnssec", _choice(_DNSSEC), DNSConfig().dnssec),
     )
 
 
@@ -1552,6 +1565,7 @@ def check_files(config: Config) -> tuple[list[str], list[str]]:
         _check_dkim_key(report, ("dkim", "key", index), key.key_file, fix)
     for index, route in enumerate(config.routes):
         _check_route_files(report, ("route", index), route)
+    _check_ca_file(report, ("delivery",), config.delivery.ca_file)
     _check_control_group(report, config.control.group)
     return report.error_lines(), report.warning_lines()
 
@@ -1742,9 +1756,13 @@ def _check_route_files(report: _Report, table: TablePath, route: Route) -> None:
         password = _read_named_file(report, table, "password_file", route.password_file)
         if password is not None and not password.strip():
             report.error(table, "password_file", f"{_quote(route.password_file)} is empty")
-    if route.ca_file is not None and _read_named_file(report, table, "ca_file", route.ca_file):
+    _check_ca_file(report, table, route.ca_file)
+
+
+def _check_ca_file(report: _Report, table: TablePath, ca_file: Path | None) -> None:
+    if ca_file is not None and _read_named_file(report, table, "ca_file", ca_file):
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         try:
-            context.load_verify_locations(cafile=route.ca_file)
+            context.load_verify_locations(cafile=ca_file)
         except ssl.SSLError:
-            report.error(table, "ca_file", f"{_quote(route.ca_file)} holds no PEM certificate")
+            report.error(table, "ca_file", f"{_quote(ca_file)} holds no PEM certificate")

@@ -77,7 +77,9 @@ class Daemon:
         self.listeners = Listeners(lambda: self.services)
         self.control = ControlServer(self)
         self.local = LocalSubmission(lambda: self.services)
-        self.acceptors = AcceptorPool(config.source, self._announced, self._rescan)
+        self.acceptors = AcceptorPool(
+            config.source, self._announced, self._rescan, metrics=self.metrics
+        )
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._closing: asyncio.Future[None] | None = None

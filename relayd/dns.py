@@ -20,6 +20,7 @@ from typing import Any
 import dkim
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.name
 import dns.nameserver
 import dns.resolver
@@ -53,6 +54,18 @@ def _configure(resolver: dns.resolver.BaseResolver, cfg: DNSConfig) -> None:
         ]
     resolver.lifetime = cfg.timeout
     resolver.timeout = min(_TRY_TIMEOUT, cfg.timeout)
+    if cfg.dnssec == "trust-ad":
+        trust_ad(resolver)
+
+
+def trust_ad(resolver: dns.resolver.BaseResolver) -> None:
+    """Ask for DNSSEC (DO and AD set), as a stub that trusts its validating resolver.
+
+    The answers' AD bit then says whether the resolver validated them
+    (RFC 6840 5.7); relayd uses it for DANE only.
+    """
+    resolver.use_edns(0, dns.flags.DO, 1232)
+    resolver.flags = dns.flags.RD | dns.flags.AD
 
 
 def _system_or_empty(cls: type[dns.resolver.BaseResolver], cfg: DNSConfig) -> Any:

@@ -135,13 +135,23 @@ class Counter:
         self.values: dict[Labels, float] = dict.fromkeys(known, 0.0)
         if not self.labels:
             self.values[()] = 0.0
+        # Counts of other processes (acceptors), by process, added in at render.
+        self.others: dict[int, dict[Labels, float]] = {}
 
     def inc(self, *values: str, amount: float = 1.0) -> None:
         self.values[values] = self.values.get(values, 0.0) + amount
 
+    def total(self) -> dict[Labels, float]:
+        """This process's counts plus every other process's last report."""
+        merged = dict(self.values)
+        for other in self.others.values():
+            for labels, value in other.items():
+                merged[labels] = merged.get(labels, 0.0) + value
+        return merged
+
     def render(self) -> str:
         lines = [header(self.name, "counter", self.help)]
-        lines += [sample(self.name, self.labels, k, v) for k, v in self.values.items()]
+        lines += [sample(self.name, self.labels, k, v) for k, v in self.total().items()]
         return "".join(lines)
 
 
@@ -292,6 +302,44 @@ class Metrics:
 
     def tls_policy_used(self, policy: str, verified: bool, status: str, recipients: int) -> None:
         self.tls_policy.inc(policy, "yes" if verified else "no", status, amount=recipients)
+
+    # ---- several processes ---------------------------------------------------------
+    #
+    # Acceptor processes run SMTP sessions too. Each reports its session
+    # counters (absolute values) to the daemon about once a second; the
+    # daemon serves its own counts plus the last report of each acceptor,
+    # and folds an acceptor's counts into its own when that process ends,
+    # so no counter ever goes down.
+
+    def _shared(self) -> tuple[Counter, ...]:
+        return (self.accepted, self.rejected, self.tls)
+
+    def shared_counts(self) -> dict[str, list[list[object]]]:
+        """The session counters of this process, as JSON-ready data."""
+        return {
+            c.name: [[list(labels), value] for labels, value in c.values.items()]
+            for c in self._shared()
+        }
+
+    def absorb(self, source: int, counts: Mapping[str, object]) -> None:
+        """Take another process's report (see shared_counts); malformed parts are ignored."""
+        for counter in self._shared():
+            rows = counts.get(counter.name)
+            if not isinstance(rows, list):
+                continue
+            values: dict[Labels, float] = {}
+            for row in rows:
+                with contextlib.suppress(TypeError, ValueError):
+                    labels, value = row
+                    if len(labels) == len(counter.labels):
+                        values[tuple(str(v) for v in labels)] = float(value)
+            counter.others[source] = values
+
+    def retire(self, source: int) -> None:
+        """A process ended: keep its last counts as this process's own."""
+        for counter in self._shared():
+            for labels, value in counter.others.pop(source, {}).items():
+                counter.inc(*labels, amount=value)
 
     # ---- scraping ----------------------------------------------------------------
 

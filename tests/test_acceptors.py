@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,7 +59,10 @@ def world(tmp_path: Path) -> Iterator[tuple[Relayd, MXServer]]:
             tmp_path,
             dns_address=dns.address,
             hold_delivery=False,
-            extra=f"[delivery]\nport = {port}\n\n[server]\nprocesses = 3\n",
+            extra=(
+                f"[delivery]\nport = {port}\n\n[server]\nprocesses = 3\n\n"
+                f'[metrics]\naddress = "127.0.0.1:{free_port()}"\n'
+            ),
         )
         with r:
             r.start()
@@ -123,3 +127,42 @@ def test_reload_replaces_acceptors_and_stop_ends_them(world: tuple[Relayd, MXSer
             not Path(f"/proc/{pid}").exists()
             or b"relayd" not in Path(f"/proc/{pid}/cmdline").read_bytes()
         )
+
+
+def accepted_and_denied(r: Relayd) -> tuple[float, float]:
+    """relayd_messages_accepted_total and relayd_messages_rejected_total, all labels, as served."""
+    address = re.search(r'\[metrics\]\naddress = "([^"]+)"', r.config_text())
+    assert address
+    with urllib.request.urlopen(f"http://{address.group(1)}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    accepted = sum(
+        float(m) for m in re.findall(r"^relayd_messages_accepted_total\{.*\} (\S+)$", text, re.M)
+    )
+    refused = sum(
+        float(m) for m in re.findall(r"^relayd_messages_rejected_total\{.*\} (\S+)$", text, re.M)
+    )
+    return accepted, refused
+
+
+def test_metrics_count_the_sessions_of_every_process(world: tuple[Relayd, MXServer]) -> None:
+    r, _ = world
+    assert r.proc is not None
+    acceptors = set(acceptor_pids(r.proc.pid))
+    ids: list[str] = []
+    for i in range(200):  # bounded: until an acceptor (not the daemon) took some
+        with r.smtp("inbound") as s:
+            s.ehlo("client.test")
+            ids.append(send(s, "alice@sender.test", [f"m{i}@example.org"], MSG))
+            assert s.mail("alice@sender.test")[0] == 250
+            assert s.rcpt("not an address")[0] == 501  # one refused command
+        if len(ids) >= 12 and len({served_by(r, q) for q in ids} & acceptors) == 2:
+            break
+    assert len({served_by(r, q) for q in ids} & acceptors) == 2, "both acceptors must serve"
+    wait_for(lambda: accepted_and_denied(r) == (len(ids), len(ids)), timeout=10)
+    # A replaced acceptor's counts stay: counters never go down.
+    victim = acceptor_pids(r.proc.pid)[0]
+    os.kill(victim, signal.SIGTERM)
+    wait_for(
+        lambda: len(acceptor_pids(r.proc.pid)) == 2 and victim not in acceptor_pids(r.proc.pid)
+    )  # type: ignore[union-attr]
+    assert accepted_and_denied(r) == (len(ids), len(ids))

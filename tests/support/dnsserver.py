@@ -178,6 +178,7 @@ class DNSServer(ThreadedServer):
         self._family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
         self._zone: _Zone = {}
         self._faults: dict[tuple[dns.name.Name, dns.rdatatype.RdataType | None], str] = {}
+        self._signed: set[dns.name.Name] = set()
         self._lock = threading.Lock()
         self._loop = LoopThread(f"DNSServer-{host}")
         self._udp_transport: asyncio.DatagramTransport | None = None
@@ -290,6 +291,21 @@ class DNSServer(ThreadedServer):
         with self._lock:
             self._zone.clear()
             self._faults.clear()
+            self._signed.clear()
+
+    def sign(self, *zones: str) -> None:
+        """Answer as a validating resolver would for DNSSEC-signed ``zones``.
+
+        Every answer (records, no data or NXDOMAIN) for a name at or under one
+        of them carries the AD bit when the query asked for it (AD or DO set),
+        as unbound does for a zone that validated; other names never get it.
+        """
+        with self._lock:
+            self._signed.update(_parse_name(zone) for zone in zones)
+
+    def _authenticated(self, query: dns.message.Message, qname: dns.name.Name) -> bool:
+        asked = bool(query.flags & dns.flags.AD) or bool(query.ednsflags & dns.flags.DO)
+        return asked and any(qname.is_subdomain(zone) for zone in self._signed)
 
     def fault(self, name: str, kind: str, rdtype: str | None = None) -> None:
         """Make queries for ``name`` (optionally only of type ``rdtype``) fail.
@@ -400,6 +416,8 @@ class DNSServer(ThreadedServer):
                 response.flags |= dns.flags.TC
             else:
                 self._fill(response, qname, qtype)
+            if fault is None and self._authenticated(query, qname):
+                response.flags |= dns.flags.AD
         if transport == "tcp":
             return response.to_wire(max_size=65535)
         limit = max(query.payload, _UDP_DEFAULT_PAYLOAD) if query.edns >= 0 else 512
