@@ -23,11 +23,13 @@ instead of one per message.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from relayd.config import Config, Route
+from relayd import log
+from relayd.config import Config
 from relayd.delivery.client import (
     Endpoint,
     LoopsBack,
@@ -42,6 +44,7 @@ from relayd.delivery.client import (
 )
 from relayd.delivery.nexthop import Hop, NextHops, Resolution, Resolver
 from relayd.delivery.reply import DeliveryError, Outcome
+from relayd.delivery.tlspolicy import DomainSecurity, SecurityLookup, hop_policy, testing_mismatch
 from relayd.spool.model import Attempt, Envelope
 
 # A session kept for reuse is identified by where it goes and how it is secured.
@@ -59,6 +62,7 @@ class _Group:
     """Recipients that share a set of next hops, and the hops in trying order."""
 
     hops: list[Hop]
+    security: DomainSecurity
     recipients: list[str] = field(default_factory=list)
 
 
@@ -106,6 +110,7 @@ class DeliveryAgent:
     ) -> None:
         self._config = config
         self._nexthops = NextHops(config, resolver)
+        self._security = SecurityLookup(config, resolver)
         self._tls_context = tls_context_factory or default_tls_context
         self._idle_timeout = idle_timeout
         self._max_idle = max_idle
@@ -157,13 +162,20 @@ class DeliveryAgent:
                 by_domain.setdefault(domain_of(rcpt), []).append(rcpt)
         domains = list(by_domain)
         resolutions = await asyncio.gather(*(self._nexthops.resolve(d) for d in domains))
-        groups: dict[frozenset[tuple[str, int, Route | None]], _Group] = {}
+        usable = [r for r in resolutions if r.failure is None and r.hops]
+        securities = await asyncio.gather(
+            *(self._security.for_domain(r.domain, r.hops) for r in usable)
+        )
+        security_of = {r.domain: s for r, s in zip(usable, securities, strict=True)}
+        groups: dict[tuple[object, ...], _Group] = {}
         for domain, res in zip(domains, resolutions, strict=True):
             if res.failure is not None or not res.hops:
                 failed.append((_no_hops(res), by_domain[domain]))
                 continue
-            key = frozenset((h.host, h.port, h.route) for h in res.hops)
-            groups.setdefault(key, _Group(res.hops)).recipients += by_domain[domain]
+            security = security_of[res.domain]
+            key = (frozenset((h.host, h.port, h.route) for h in res.hops), security.key())
+            group = groups.setdefault(key, _Group(res.hops, security))
+            group.recipients += by_domain[domain]
         return list(groups.values()), failed
 
     # -- one group -------------------------------------------------------------
@@ -172,7 +184,7 @@ class DeliveryAgent:
         errors: list[_HopError] = []
         for hop in group.hops:
             try:
-                result = await self._try_hop(envelope, data, group.recipients, hop, errors)
+                result = await self._try_hop(envelope, data, group, hop, errors)
             except DeliveryError as e:  # a local problem with this hop's settings
                 return _Result(dict.fromkeys(group.recipients, e.outcome), hop.host, "", hop.port)
             except Exception as e:
@@ -189,13 +201,19 @@ class DeliveryAgent:
         self,
         envelope: Envelope,
         data: bytes,
-        rcpts: list[str],
+        group: _Group,
         hop: Hop,
         errors: list[_HopError],
     ) -> _Result | None:
         """Deliver through ``hop``; None (with ``errors`` added to) if it could not be had."""
+        rcpts = group.recipients
         credentials = load_credentials(hop.route)
-        policy = tls_policy(self._config.delivery, hop.route)
+        base = tls_policy(self._config.delivery, hop.route)
+        policy = hop_policy(base, group.security, hop, self._config.delivery.ca_file)
+        if isinstance(policy, Outcome):  # DANE or MTA-STS rules this hop out
+            name = "dane" if group.security.dane else "mta-sts"
+            errors.append(_HopError(policy, hop.host, "", hop.port, name))
+            return None
         if credentials is not None and policy.mode == "none":
             text = f"route to {hop.host} has credentials but tls = none: AUTH is only sent over TLS"
             raise DeliveryError(Outcome.temp("4.7.4", text))
@@ -222,6 +240,7 @@ class DeliveryAgent:
             return None
         tls = session.tls_version  # as negotiated, even if the connection dies mid-message
         verified = session.verified
+        self._log_testing(envelope, group.security, hop, session)
         try:
             outcomes = await session.send(
                 envelope.sender,
@@ -236,6 +255,25 @@ class DeliveryAgent:
         result = _Result(outcomes, hop.host, session.address, hop.port, tls, policy.name, verified)
         self._release(key, session)
         return result
+
+    def _log_testing(
+        self, envelope: Envelope, security: DomainSecurity, hop: Hop, session: Session
+    ) -> None:
+        """MTA-STS testing mode: say what enforce would have refused, deliver all the same."""
+        notes = list(session.notes)
+        mismatch = testing_mismatch(security, hop)
+        if mismatch is not None:
+            notes.insert(0, mismatch)
+        session.notes.clear()
+        if not notes:
+            return
+        log.event(
+            "smtp",
+            f"warning: MTA-STS policy of {security.domain} (mode testing) would refuse "
+            f"delivery to {session.endpoint.where}: {'; '.join(notes)}",
+            queue_id=envelope.queue_id,
+            level=logging.WARNING,
+        )
 
     def _endpoint(
         self, hop: Hop, address: str, policy: TLSPolicy, credentials: tuple[str, str] | None
@@ -360,4 +398,3 @@ def _attempts(recipients: list[str], result: _Result, started: float, t0: float)
         )
         for outcome, rcpts in by_outcome.items()
     ]
-

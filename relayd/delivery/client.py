@@ -42,6 +42,7 @@ when the submitting client used it, if offered.
 
 from __future__ import annotations
 
+import _ssl
 import asyncio
 import base64
 import contextlib
@@ -53,6 +54,8 @@ from pathlib import Path
 from typing import Literal
 
 from relayd.config import DeliveryConfig, Route
+from relayd.delivery import dane
+from relayd.delivery.dane import TLSA
 from relayd.delivery.reply import (
     MAX_LINE,
     MAX_LINES,
@@ -88,6 +91,10 @@ class TLSPolicy:
     verify: bool = False
     ca_file: Path | None = None
     name: str = field(default="", compare=False)
+    # DANE: the certificate must match one of these TLSA records (and needs no CA).
+    dane: tuple[TLSA, ...] = ()
+    # MTA-STS testing: try a verified handshake, fall back to unverified TLS, note why.
+    sts_testing: bool = False
 
 
 def tls_policy(delivery: DeliveryConfig, route: Route | None) -> TLSPolicy:
@@ -98,7 +105,7 @@ def tls_policy(delivery: DeliveryConfig, route: Route | None) -> TLSPolicy:
         mode: TLSMode = "implicit" if route.tls == "implicit" else "required"
         return TLSPolicy(mode, route.tls_verify, route.ca_file, name="route")
     if delivery.tls == "verify":
-        return TLSPolicy("required", verify=True, name="verify")
+        return TLSPolicy("required", verify=True, ca_file=delivery.ca_file, name="verify")
     if delivery.tls == "required":
         return TLSPolicy("required", name="required")
     if delivery.tls == "none":
@@ -189,6 +196,8 @@ class LoopsBack(SessionError):
 class _TLSFailed(SessionError):
     """The TLS handshake itself failed (opportunistic TLS may go on in clear)."""
 
+    verification = False  # the certificate was refused, not the connection
+
 
 class _Broken(Exception):
     """The connection is gone or unusable; carries the Outcome for what's unanswered."""
@@ -210,6 +219,7 @@ class Session:
         self.extensions: dict[str, str] = {}
         self.messages = 0
         self._broken = False
+        self.notes: list[str] = []  # what MTA-STS enforce would have refused (testing mode)
 
     # -- state -------------------------------------------------------------
 
@@ -225,8 +235,9 @@ class Session:
 
     @property
     def verified(self) -> bool:
-        """The session is encrypted and its certificate was checked for the host name."""
-        return self.tls_version is not None and self.endpoint.tls.verify
+        """The session is encrypted and its certificate was checked (host name, or DANE)."""
+        tls = self.endpoint.tls
+        return self.tls_version is not None and (tls.verify or bool(tls.dane))
 
     @property
     def usable(self) -> bool:
@@ -352,14 +363,16 @@ class Session:
         mode = self.endpoint.tls.mode
         if mode not in ("opportunistic", "required"):
             return
+        # A domain's own policy (DANE, MTA-STS) that cannot be met is 4.7.5 (SPEC section 8).
+        missing = "4.7.5" if self.endpoint.tls.name in ("dane", "mta-sts") else "4.7.4"
         if "STARTTLS" not in self.extensions:
             if mode == "required":
-                raise self._refuse_tls("4.7.4", "TLS is required, but was not offered")
+                raise self._refuse_tls(missing, "TLS is required, but was not offered")
             return
         reply = await self._ask("STARTTLS", "waiting for the reply to STARTTLS")
         if reply.code != 220:
             if mode == "required":
-                raise self._refuse_tls("4.7.4", f"STARTTLS refused: {reply.line()}")
+                raise self._refuse_tls(missing, f"STARTTLS refused: {reply.line()}")
             return
         self._injected("after the reply to STARTTLS")
         await self._handshake()
@@ -391,7 +404,18 @@ class Session:
         except (ssl.SSLError, OSError, ConnectionError, TimeoutError) as e:
             self.abort()
             text = f"{ep.where}: TLS handshake failed: {_tls_error(e)}"
-            raise _TLSFailed(Outcome.temp("4.7.5", text)) from e
+            failed = _TLSFailed(Outcome.temp("4.7.5", text))
+            failed.verification = isinstance(e, ssl.SSLCertVerificationError)
+            raise failed from e
+        if ep.tls.dane:
+            self._check_dane()
+
+    def _check_dane(self) -> None:
+        """RFC 7672: the presented chain must match a TLSA record, else no mail for this host."""
+        chain = _peer_chain(self._writer.get_extra_info("ssl_object"))
+        problem = dane.check_chain(self.endpoint.tls.dane, chain, [self.endpoint.host])
+        if problem is not None:
+            raise self._refuse_tls("4.7.5", f"DANE: {problem}")
 
     def _refuse_tls(self, enhanced: str, text: str) -> SessionError:
         self.abort()
@@ -681,9 +705,43 @@ async def open_session(ep: Endpoint) -> Session:
     if ep.tls.mode != "none" and ep.context is None:
         raise ValueError("a TLS policy needs an SSL context")
     try:
-        return await _setup(ep)
-    except _TLSFailed:
+        session = await _setup(ep)
+    except _TLSFailed as e:
         if ep.tls.mode != "opportunistic":
             raise
-    # Opportunistic TLS whose handshake failed: the same address, in clear.
-    return await _setup(replace(ep, tls=TLSPolicy("none"), context=None))
+        if ep.tls.sts_testing and e.verification:
+            # MTA-STS testing: enforce would refuse this certificate; deliver as
+            # usual (TLS without verification) and say so.
+            relaxed = replace(ep.tls, verify=False, sts_testing=False, name=ep.tls.name)
+            session = await open_session(
+                replace(ep, tls=relaxed, context=default_tls_context(False, None))
+            )
+            session.notes.append(f"certificate not valid ({e.outcome.reply})")
+            return session
+        # Opportunistic TLS whose handshake failed: the same address, in clear.
+        session = await _setup(replace(ep, tls=TLSPolicy("none", name=ep.tls.name), context=None))
+        if ep.tls.sts_testing:
+            session.notes.append(f"TLS failed ({e.outcome.reply})")
+        return session
+    if ep.tls.sts_testing and session.tls_version is None:
+        session.notes.append(f"{ep.where} offers no STARTTLS")
+    return session
+
+
+def _peer_chain(ssl_object: object) -> list[bytes]:
+    """The certificates the server presented, leaf first, as DER.
+
+    Python 3.13 has ``get_unverified_chain``; before it, the same method sits
+    on the private ``_sslobj``. Without either, the leaf alone (enough for
+    DANE-EE, the common case).
+    """
+    getter = getattr(ssl_object, "get_unverified_chain", None)
+    if getter is not None:
+        return [bytes(der) for der in getter() or []]
+    inner = getattr(ssl_object, "_sslobj", None)
+    getter = getattr(inner, "get_unverified_chain", None)
+    if getter is not None:
+        return [cert.public_bytes(_ssl.ENCODING_DER) for cert in getter() or []]
+    getpeercert = getattr(ssl_object, "getpeercert", None)
+    leaf = getpeercert(binary_form=True) if getpeercert is not None else None
+    return [leaf] if leaf else []
