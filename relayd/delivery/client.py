@@ -379,7 +379,7 @@ class Session:
         tampering with the connection.
         """
         if _buffered(self._reader):
-            raise self._refuse_tls("4.7.5", f"unexpected data {where} (STARTTLS injection)")
+            raise self._refuse_tls("4.7.5", f"STARTTLS injection: unexpected data {where}")
 
     async def _handshake(self) -> None:
         ep = self.endpoint
