@@ -134,7 +134,6 @@ def test_megabyte_binary_replies_stay_small(relayd: Relayd, mx_pool: MXPool) -> 
     size = state.stat().st_size
     doc = json.loads(state.read_text())
     numbers = sorted({a["number"] for a in doc["history"]})
-    print(f"state file {size} bytes, VmHWM {before} kB -> {after} kB, attempts {numbers}")
     assert size < 1_000_000
     assert numbers[0] == 1 and len(numbers) == 21
     assert all(len(a["reply"]) <= 1024 for a in doc["history"])
@@ -142,6 +141,10 @@ def test_megabyte_binary_replies_stay_small(relayd: Relayd, mx_pool: MXPool) -> 
     raw = relayd.log_path.read_bytes()
     assert not re.search(rb"[\x00-\x08\x0b-\x1f\x7f-\xff]", raw)
     lines = [x for x in raw.decode().splitlines() if f"{qid}: to=<" in x]
+    print(
+        f"state file {size} bytes, VmHWM {before} kB -> {after} kB, attempts kept {numbers}, "
+        f"log {len(raw)} bytes, {len(lines)} delivery lines of at most {max(map(len, lines))}"
+    )
     assert len(lines) >= 24 * 20 // 2
     assert max(len(x) for x in lines) < 1400
     assert any("\\x00\\x1b]0;owned\\x07\\xff" in x for x in lines)
