@@ -31,6 +31,14 @@ TLS policy (``[delivery] tls`` and ``[[route]] tls``):
 - ``implicit``: TLS from the first byte (port 465), same verification rules.
 - ``none``: clear text, STARTTLS is never tried.
 
+A next hop is not trusted to behave (SPEC section 8). Bytes buffered after
+the ``220`` to STARTTLS, or before any command outside PIPELINING, are never
+taken as a reply: the session is dropped (4.7.5 for STARTTLS injection,
+4.5.0 otherwise). Replies are bounded as they are read (reply.MAX_LINE,
+MAX_LINES, MAX_REPLY_BYTES, command_timeout per reply) and every Outcome
+carries them escaped and cut to 1 KB. A next hop that greets with our own
+hostname, where no ``[[route]]`` chose it, raises ``LoopsBack``.
+
 AUTH (PLAIN, else LOGIN) is only ever sent inside TLS. A message with 8-bit
 data goes out with BODY=8BITMIME when offered, and as it is when not: MIME
 down-conversion would break DKIM signatures, and servers that choke on 8-bit
@@ -340,6 +348,7 @@ class Session:
         reply = await self._ask(f"HELO {self.endpoint.helo}", "waiting for the reply to HELO")
         if reply.code != 250:
             raise self._refuse(reply, "refused HELO with")
+        self._check_loop(reply)
         self.extensions = {}
 
     def _refuse(self, reply: Reply, how: str) -> SessionError:
@@ -392,6 +401,10 @@ class Session:
             self.abort()
             text = f"{ep.where}: TLS handshake failed: {_tls_error(e)}"
             raise _TLSFailed(Outcome.temp("4.7.5", text)) from e
+        if self._writer.transport is None:  # the peer hung up during the handshake
+            self._broken = True
+            text = f"{ep.where}: TLS handshake failed: connection closed"
+            raise _TLSFailed(Outcome.temp("4.7.5", text))
 
     def _refuse_tls(self, enhanced: str, text: str) -> SessionError:
         self.abort()
@@ -597,12 +610,14 @@ class Session:
             async with asyncio.timeout(_QUIT_TIMEOUT):
                 await self._writer.wait_closed()
         except (TimeoutError, OSError, ssl.SSLError):
-            self._writer.transport.abort()
+            self.abort()
 
     def abort(self) -> None:
         """Drop the connection now: a broken session owes the server no goodbye."""
         self._broken = True
-        self._writer.transport.abort()
+        transport: asyncio.WriteTransport | None = self._writer.transport
+        if transport is not None:  # None after a handshake the peer cut short
+            transport.abort()
 
 
 def _accepted(
