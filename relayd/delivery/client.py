@@ -295,7 +295,7 @@ class Session:
         later, they would be taken as the answer to the next command (the
         class of CVE-2011-0411), so the session is dropped instead.
         """
-        if _buffered(self._reader):
+        if buffered(self._reader):
             raise self._fail(f"unexpected data from the server before {doing}", "4.5.0")
 
     def _note(self, reply: Reply) -> Reply:
@@ -387,7 +387,7 @@ class Session:
         retried in clear, even under opportunistic TLS, since someone is
         tampering with the connection.
         """
-        if _buffered(self._reader):
+        if buffered(self._reader):
             raise self._refuse_tls("4.7.5", f"STARTTLS injection: unexpected data {where}")
 
     async def _handshake(self) -> None:
@@ -633,7 +633,7 @@ def _accepted(
     return accepted
 
 
-def _buffered(reader: asyncio.StreamReader) -> int:
+def buffered(reader: asyncio.StreamReader) -> int:
     """Bytes received and not yet read. StreamReader has no public way to ask."""
     buffer = getattr(reader, "_buffer", None)
     if buffer is None:  # pragma: no cover - guards against asyncio internals changing
