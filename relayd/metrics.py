@@ -260,7 +260,7 @@ class Metrics:
         )
         self.tls_policy = Counter(
             "relayd_outbound_tls_policy_total",
-            "Outbound delivery outcomes per recipient (sent, deferred, failed), by the TLS "
+            "Outbound delivery outcomes per recipient (sent, deferred, bounced), by the TLS "
             "policy that applied (none, opportunistic, required, verify, route) and whether "
             "the next hop's certificate was verified (yes, no).",
             ["tls_policy", "verified", "status"],

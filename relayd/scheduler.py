@@ -572,7 +572,7 @@ class Scheduler:
                 self._metrics.tls_policy_used(
                     attempt.tls_policy,
                     attempt.tls_verified,
-                    attempt.status,
+                    _STATUS_WORD[attempt.status],
                     len(attempt.recipients),
                 )
             for address in attempt.recipients:

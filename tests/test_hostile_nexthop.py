@@ -23,6 +23,7 @@ from support.mxserver import MXServer
 from support.ports import free_port
 
 from relayd.config import Config, DeliveryConfig, DNSConfig, HostPort, Route
+from relayd.delivery import lmtp
 from relayd.delivery.agent import DeliveryAgent
 from relayd.delivery.client import default_tls_context
 from relayd.delivery.reply import MAX_STORED_REPLY, Outcome, clip_reply
@@ -221,7 +222,7 @@ def test_history_stays_within_its_budget() -> None:
     history: list[Attempt] = []
     for n in range(1, 31):
         history = trim_history([*history, *(_record(n, i, "4" * 1024) for i in range(100))])
-    size = sum(len(a.reply) + 300 for a in history)
+    size = sum(len(a.reply) + a.reply.count("\\") + 300 for a in history)
     assert size <= HISTORY_BUDGET
     numbers = sorted({a.number for a in history})
     assert numbers[0] == 1 and numbers[-1] == 30
@@ -276,3 +277,37 @@ def test_attempts_name_their_tls_policy(dns_server: DNSServer, tmp_path: Path) -
     with MXServer("127.0.0.2", port):  # no STARTTLS offered
         [d] = deliver(config(dns_server, port, tls="none"), ["a@example.test"], ca)
         assert (d.status, d.tls_policy, d.tls_verified, d.tls) == ("sent", "none", False, None)
+
+
+# --- LMTP: the same rule for unsolicited replies ---------------------------------------------
+
+
+@pytest.mark.parametrize("early", ["after the greeting", "after 354"])
+def test_lmtp_unsolicited_reply_is_not_taken(early: str) -> None:
+    async def server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        extra = b"250 2.0.0 early\r\n"
+        writer.write(b"220 lmtp.test LMTP\r\n" + (extra if early == "after the greeting" else b""))
+        for _ in range(20):
+            line = await asyncio.wait_for(reader.readline(), 5)
+            if not line:
+                break
+            if line.upper().startswith(b"DATA"):
+                writer.write(b"354 go\r\n" + (extra if early == "after 354" else b""))
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+        writer.close()
+
+    async def go() -> dict[str, Outcome]:
+        srv = await asyncio.start_server(server, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        try:
+            target = lmtp.Target(address=HostPort("127.0.0.1", port))
+            return await lmtp.deliver(
+                target, ME, "a@origin.test", ["b@example.test"], MESSAGE, command_timeout=3.0
+            )
+        finally:
+            srv.close()
+
+    [outcome] = run(go()).values()
+    assert outcome.status == "deferred" and "unexpected data" in outcome.reply

@@ -48,7 +48,9 @@ from relayd.delivery.tlspolicy import DomainSecurity, SecurityLookup, hop_policy
 from relayd.spool.model import Attempt, Envelope
 
 # A session kept for reuse is identified by where it goes and how it is secured.
-_PoolKey = tuple[str, int, TLSPolicy, str | None]
+# The policy's name counts too: a route's session is never reused for an MX,
+# whose sessions were checked for loops.
+_PoolKey = tuple[str, int, TLSPolicy, str, str | None]
 
 
 @dataclass
@@ -217,7 +219,8 @@ class DeliveryAgent:
         if credentials is not None and policy.mode == "none":
             text = f"route to {hop.host} has credentials but tls = none: AUTH is only sent over TLS"
             raise DeliveryError(Outcome.temp("4.7.4", text))
-        key: _PoolKey = (hop.host.lower(), hop.port, policy, credentials and credentials[0])
+        user = credentials and credentials[0]
+        key: _PoolKey = (hop.host.lower(), hop.port, policy, policy.name, user)
         session = await self._reuse(key)
         addresses = [] if session is not None else hop.addresses
         for address in addresses:

@@ -31,6 +31,14 @@ TLS policy (``[delivery] tls`` and ``[[route]] tls``):
 - ``implicit``: TLS from the first byte (port 465), same verification rules.
 - ``none``: clear text, STARTTLS is never tried.
 
+A next hop is not trusted to behave (SPEC section 8). Bytes buffered after
+the ``220`` to STARTTLS, or before any command outside PIPELINING, are never
+taken as a reply: the session is dropped (4.7.5 for STARTTLS injection,
+4.5.0 otherwise). Replies are bounded as they are read (reply.MAX_LINE,
+MAX_LINES, MAX_REPLY_BYTES, command_timeout per reply) and every Outcome
+carries them escaped and cut to 1 KB. A next hop that greets with our own
+hostname, where no ``[[route]]`` chose it, raises ``LoopsBack``.
+
 AUTH (PLAIN, else LOGIN) is only ever sent inside TLS. A message with 8-bit
 data goes out with BODY=8BITMIME when offered, and as it is when not: MIME
 down-conversion would break DKIM signatures, and servers that choke on 8-bit
@@ -298,7 +306,7 @@ class Session:
         later, they would be taken as the answer to the next command (the
         class of CVE-2011-0411), so the session is dropped instead.
         """
-        if _buffered(self._reader):
+        if buffered(self._reader):
             raise self._fail(f"unexpected data from the server before {doing}", "4.5.0")
 
     def _note(self, reply: Reply) -> Reply:
@@ -351,6 +359,7 @@ class Session:
         reply = await self._ask(f"HELO {self.endpoint.helo}", "waiting for the reply to HELO")
         if reply.code != 250:
             raise self._refuse(reply, "refused HELO with")
+        self._check_loop(reply)
         self.extensions = {}
 
     def _refuse(self, reply: Reply, how: str) -> SessionError:
@@ -391,8 +400,8 @@ class Session:
         retried in clear, even under opportunistic TLS, since someone is
         tampering with the connection.
         """
-        if _buffered(self._reader):
-            raise self._refuse_tls("4.7.5", f"unexpected data {where} (STARTTLS injection)")
+        if buffered(self._reader):
+            raise self._refuse_tls("4.7.5", f"STARTTLS injection: unexpected data {where}")
 
     async def _handshake(self) -> None:
         ep = self.endpoint
@@ -407,6 +416,10 @@ class Session:
             failed = _TLSFailed(Outcome.temp("4.7.5", text))
             failed.verification = isinstance(e, ssl.SSLCertVerificationError)
             raise failed from e
+        if self._writer.transport is None:  # the peer hung up during the handshake
+            self._broken = True
+            text = f"{ep.where}: TLS handshake failed: connection closed"
+            raise _TLSFailed(Outcome.temp("4.7.5", text))
         if ep.tls.dane:
             self._check_dane()
 
@@ -621,12 +634,14 @@ class Session:
             async with asyncio.timeout(_QUIT_TIMEOUT):
                 await self._writer.wait_closed()
         except (TimeoutError, OSError, ssl.SSLError):
-            self._writer.transport.abort()
+            self.abort()
 
     def abort(self) -> None:
         """Drop the connection now: a broken session owes the server no goodbye."""
         self._broken = True
-        self._writer.transport.abort()
+        transport: asyncio.WriteTransport | None = self._writer.transport
+        if transport is not None:  # None after a handshake the peer cut short
+            transport.abort()
 
 
 def _accepted(
@@ -642,7 +657,7 @@ def _accepted(
     return accepted
 
 
-def _buffered(reader: asyncio.StreamReader) -> int:
+def buffered(reader: asyncio.StreamReader) -> int:
     """Bytes received and not yet read. StreamReader has no public way to ask."""
     buffer = getattr(reader, "_buffer", None)
     if buffer is None:  # pragma: no cover - guards against asyncio internals changing

@@ -155,17 +155,30 @@ def size_limit(exts: dict[str, str]) -> int | None:
     return int(value)
 
 
+def stored_size(text: str) -> int:
+    """What ``text`` (printable ASCII) takes in a JSON state file: ``\\`` and ``"`` count twice."""
+    return len(text) + text.count("\\") + text.count('"')
+
+
 def clip_reply(text: str, limit: int = MAX_STORED_REPLY) -> str:
-    """``text`` escaped to printable ASCII (relayd.escape) and cut to ``limit`` characters.
+    """``text`` escaped to printable ASCII (relayd.escape) and cut to ``limit`` bytes as stored.
 
     What a reply becomes before it is stored, logged or quoted. Escaping
     first means the cut can never reopen a control character, and the cut
-    never splits an escape (``\\x1b``) in two. Idempotent.
+    never splits an escape (``\\x1b``) in two. The size counts what the text
+    takes in the JSON state file (see ``stored_size``), so a reply made of
+    escapes is cut shorter. Idempotent.
     """
     text = printable(text)
-    if len(text) <= limit:
+    if stored_size(text) <= limit:
         return text
-    head = text[: limit - len(_CUT)]
+    budget = limit - len(_CUT)
+    cost = end = 0
+    for end, char in enumerate(text):  # noqa: B007 - end is used after the loop
+        cost += 2 if char in '\\"' else 1
+        if cost > budget:
+            break
+    head = text[:end]
     tail = head.rfind("\\", max(0, len(head) - 3))
     if tail != -1:  # an escape cut short: drop its start
         head = head[:tail]

@@ -41,7 +41,7 @@ class Attempt:
 
 
 HISTORY_KEEP_LAST = 20  # delivery attempts kept besides the first
-HISTORY_BUDGET = 512 * 1024  # characters of history text, far under the 1 MB state file
+HISTORY_BUDGET = 640 * 1024  # bytes of history in the state file, well under 1 MB
 
 
 def _round(attempt: Attempt) -> tuple[int, float]:
@@ -52,7 +52,8 @@ def _round(attempt: Attempt) -> tuple[int, float]:
 def _weight(attempt: Attempt) -> int:
     """About what a record costs in the state file (JSON keys and numbers included)."""
     addresses = sum(len(r) + 4 for r in attempt.recipients)
-    return 300 + len(attempt.reply) + len(attempt.host) + addresses
+    reply = len(attempt.reply) + attempt.reply.count("\\") + attempt.reply.count('"')  # as JSON
+    return 300 + reply + len(attempt.host) + addresses
 
 
 def trim_history(history: list[Attempt]) -> list[Attempt]:

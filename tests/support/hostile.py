@@ -100,7 +100,13 @@ class Hostile:
                 # The injection travels in the same segment as the 220.
                 writer.write(b"220 2.0.0 ready\r\n" + self.inject)
                 await writer.drain()
+                plain = writer.transport
                 await writer.start_tls(self.context)
+                if writer.transport is None:  # the client hung up during the handshake
+                    # Give the writer its closed transport back, so that its
+                    # __del__ does not trip over None.
+                    writer._transport = plain  # type: ignore[attr-defined]
+                    return
                 tls = True
                 rcpt = 0
                 continue
