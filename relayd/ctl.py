@@ -394,8 +394,12 @@ def show_text(env: Envelope, data: bytes, online: bool, now: float) -> str:
     out += ["", "Delivery attempts:"]
     for a in env.history:
         hop = f"{a.host}[{a.address}]:{a.port}" if a.address else (a.host or "(none)")
+        policy = ""
+        if a.tls_policy:
+            verified = "yes" if a.tls_verified else "no"
+            policy = f"  policy={printable(a.tls_policy)} verified={verified}"
         out.append(
-            f"  {_when(a.time)}  {printable(hop)}  tls={printable(a.tls or 'none')}  "
+            f"  {_when(a.time)}  {printable(hop)}  tls={printable(a.tls or 'none')}{policy}  "
             f"{a.duration:.2f}s  {printable(f'{a.status} {a.dsn}')}: {_one_line(a.reply)}"
         )
         out.append(f"      for {printable(', '.join(a.recipients))}")

@@ -8,7 +8,8 @@ pulled in as a dependency: it is a few lines of escaping and formatting.
 
 What is counted where: the SMTP session counts accepted messages, refused
 commands by reason and inbound TLS; the scheduler counts recipient
-outcomes, their latency since arrival and outbound TLS; the queue gauge is
+outcomes, their latency since arrival, outbound TLS and the outbound TLS
+policy that applied; the queue gauge is
 read from the scheduler at scrape time, so it can never drift.
 """
 
@@ -258,6 +259,13 @@ class Metrics:
             'by TLS version; "none" is clear text.',
             ["direction", "version"],
         )
+        self.tls_policy = Counter(
+            "relayd_outbound_tls_policy_total",
+            "Outbound delivery outcomes per recipient (sent, deferred, bounced), by the TLS "
+            "policy that applied (none, opportunistic, required, verify, route) and whether "
+            "the next hop's certificate was verified (yes, no).",
+            ["tls_policy", "verified", "status"],
+        )
         self._families: tuple[Counter | Gauge | Histogram, ...] = (
             Gauge("relayd_up", "1 while relayd is running.", [], lambda: {(): 1.0}),
             Gauge(
@@ -274,6 +282,7 @@ class Metrics:
             ),
             self.latency,
             self.tls,
+            self.tls_policy,
         )
 
     # ---- counting (hot path) ------------------------------------------------
@@ -291,6 +300,9 @@ class Metrics:
 
     def tls_used(self, direction: str, version: str | None) -> None:
         self.tls.inc(direction, version or "none")
+
+    def tls_policy_used(self, policy: str, verified: bool, status: str, recipients: int) -> None:
+        self.tls_policy.inc(policy, "yes" if verified else "no", status, amount=recipients)
 
     # ---- several processes ---------------------------------------------------------
     #

@@ -45,9 +45,10 @@ from typing import Any, Literal, Protocol
 
 from relayd import bounce
 from relayd.config import Config
+from relayd.delivery.reply import clip_reply
 from relayd.log import event
 from relayd.metrics import Metrics
-from relayd.spool.model import Attempt, Envelope, Recipient
+from relayd.spool.model import Attempt, Envelope, Recipient, trim_history
 from relayd.spool.queueid import new_queue_id
 
 Clock = Callable[[], float]
@@ -561,8 +562,19 @@ class Scheduler:
             by_address.setdefault(rcpt.address, []).append(rcpt)
         failed: list[Recipient] = []
         for attempt in attempts:
+            # Whatever agent made it, a record is bounded before it is kept or logged.
+            attempt.reply = clip_reply(attempt.reply)
+            attempt.dsn = clip_reply(attempt.dsn, 16)
+            attempt.number = env.attempts + 1
             if attempt.status == "sent":
                 self._metrics.tls_used("out", attempt.tls)
+            if attempt.tls_policy:
+                self._metrics.tls_policy_used(
+                    attempt.tls_policy,
+                    attempt.tls_verified,
+                    _STATUS_WORD[attempt.status],
+                    len(attempt.recipients),
+                )
             for address in attempt.recipients:
                 for rcpt in by_address.pop(address, []):
                     _record(rcpt, attempt)
@@ -570,7 +582,7 @@ class Scheduler:
                     if rcpt.status == "failed":
                         failed.append(rcpt)
         if attempts:
-            env.history.extend(attempts)
+            env.history = trim_history([*env.history, *attempts])
             env.attempts += 1
         return failed
 
@@ -580,10 +592,16 @@ class Scheduler:
         self._metrics.delivery(status, now - env.arrival_time)
         relay = f"{attempt.host}[{attempt.address}]:{attempt.port}" if attempt.address else "none"
         delay = _delay(now - env.arrival_time)
+        # Postfix's line as it is, then the TLS policy (appended: tools such as
+        # pflogsumm read the fields up to status= by name and position).
+        policy = ""
+        if attempt.tls_policy:
+            verified = "yes" if attempt.tls_verified else "no"
+            policy = f" tls={attempt.tls_policy} verified={verified}"
         event(
             "smtp",
             f"to=<{address}>, relay={relay}, delay={delay}, dsn={attempt.dsn}, "
-            f"status={status} ({attempt.reply})",
+            f"status={status} ({attempt.reply}){policy}",
             queue_id=env.queue_id,
             recipient=address,
             dsn=attempt.dsn,
@@ -591,6 +609,8 @@ class Scheduler:
             relay_host=attempt.host,
             smtp_reply=attempt.reply,
             delay=delay,
+            tls_policy=attempt.tls_policy,
+            tls_verified=("yes" if attempt.tls_verified else "no") if attempt.tls_policy else "",
         )
 
     def _expire(self, env: Envelope, now: float) -> list[Recipient]:

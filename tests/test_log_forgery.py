@@ -213,7 +213,10 @@ def test_hostile_bytes_from_clients_and_servers_are_escaped(tmp_path: Path) -> N
         assert_clean_output(listing.stdout)
         assert "\\x1b[2J" in listing.stdout
         doc = json.loads(r.ctl("--json", "queue", "show", qid).stdout)
-        assert "\x1b[2J" in doc["history"][0]["reply"]  # JSON keeps the text, escaped its way
+        # A remote reply is untrusted data: stored escaped (SPEC section 8), so no
+        # consumer of the JSON can print an ESC from it either.
+        assert "\\x1b[2J" in doc["history"][0]["reply"]
+        assert "\x1b" not in doc["history"][0]["reply"]
         assert r.stop() == 0
 
 

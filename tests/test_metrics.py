@@ -400,6 +400,10 @@ def test_relayd_counts_what_happened(relayd: Relayd, mx_pool: MXPool) -> None:
     tls_out = labelled(s, "relayd_tls_connections_total", direction="out")
     assert sum(tls_in.values()) == 3 and all(v.startswith("TLSv1.") for v in tls_in)
     assert list(tls_out.values()) == [1] and next(iter(tls_out)).startswith("TLSv1.")
+    # example.org under [delivery] tls = opportunistic; relay.test by its route (refused connection)
+    policy = "relayd_outbound_tls_policy_total"
+    assert value(s, policy, tls_policy="opportunistic", verified="no", status="sent") == 1
+    assert value(s, policy, tls_policy="route", verified="no", status="deferred") == 1
     assert fetch(metrics_url(relayd).removesuffix("metrics"))[0] == 404
 
 

@@ -23,13 +23,16 @@ instead of one per message.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from relayd.config import Config, Route
+from relayd import log
+from relayd.config import Config
 from relayd.delivery.client import (
     Endpoint,
+    LoopsBack,
     Session,
     SessionError,
     TLSContextFactory,
@@ -41,10 +44,13 @@ from relayd.delivery.client import (
 )
 from relayd.delivery.nexthop import Hop, NextHops, Resolution, Resolver
 from relayd.delivery.reply import DeliveryError, Outcome
+from relayd.delivery.tlspolicy import DomainSecurity, SecurityLookup, hop_policy, testing_mismatch
 from relayd.spool.model import Attempt, Envelope
 
 # A session kept for reuse is identified by where it goes and how it is secured.
-_PoolKey = tuple[str, int, TLSPolicy, str | None]
+# The policy's name counts too: a route's session is never reused for an MX,
+# whose sessions were checked for loops.
+_PoolKey = tuple[str, int, TLSPolicy, str, str | None]
 
 
 @dataclass
@@ -58,6 +64,7 @@ class _Group:
     """Recipients that share a set of next hops, and the hops in trying order."""
 
     hops: list[Hop]
+    security: DomainSecurity
     recipients: list[str] = field(default_factory=list)
 
 
@@ -69,6 +76,7 @@ class _HopError:
     host: str
     address: str
     port: int
+    tls_policy: str = ""
 
 
 @dataclass
@@ -80,6 +88,8 @@ class _Result:
     address: str = ""
     port: int = 0
     tls: str | None = None
+    tls_policy: str = ""
+    tls_verified: bool = False
 
 
 def domain_of(address: str) -> str:
@@ -102,6 +112,7 @@ class DeliveryAgent:
     ) -> None:
         self._config = config
         self._nexthops = NextHops(config, resolver)
+        self._security = SecurityLookup(config, resolver)
         self._tls_context = tls_context_factory or default_tls_context
         self._idle_timeout = idle_timeout
         self._max_idle = max_idle
@@ -153,13 +164,20 @@ class DeliveryAgent:
                 by_domain.setdefault(domain_of(rcpt), []).append(rcpt)
         domains = list(by_domain)
         resolutions = await asyncio.gather(*(self._nexthops.resolve(d) for d in domains))
-        groups: dict[frozenset[tuple[str, int, Route | None]], _Group] = {}
+        usable = [r for r in resolutions if r.failure is None and r.hops]
+        securities = await asyncio.gather(
+            *(self._security.for_domain(r.domain, r.hops) for r in usable)
+        )
+        security_of = {r.domain: s for r, s in zip(usable, securities, strict=True)}
+        groups: dict[tuple[object, ...], _Group] = {}
         for domain, res in zip(domains, resolutions, strict=True):
             if res.failure is not None or not res.hops:
                 failed.append((_no_hops(res), by_domain[domain]))
                 continue
-            key = frozenset((h.host, h.port, h.route) for h in res.hops)
-            groups.setdefault(key, _Group(res.hops)).recipients += by_domain[domain]
+            security = security_of[res.domain]
+            key = (frozenset((h.host, h.port, h.route) for h in res.hops), security.key())
+            group = groups.setdefault(key, _Group(res.hops, security))
+            group.recipients += by_domain[domain]
         return list(groups.values()), failed
 
     # -- one group -------------------------------------------------------------
@@ -168,7 +186,7 @@ class DeliveryAgent:
         errors: list[_HopError] = []
         for hop in group.hops:
             try:
-                result = await self._try_hop(envelope, data, group.recipients, hop, errors)
+                result = await self._try_hop(envelope, data, group, hop, errors)
             except DeliveryError as e:  # a local problem with this hop's settings
                 return _Result(dict.fromkeys(group.recipients, e.outcome), hop.host, "", hop.port)
             except Exception as e:
@@ -185,28 +203,47 @@ class DeliveryAgent:
         self,
         envelope: Envelope,
         data: bytes,
-        rcpts: list[str],
+        group: _Group,
         hop: Hop,
         errors: list[_HopError],
     ) -> _Result | None:
         """Deliver through ``hop``; None (with ``errors`` added to) if it could not be had."""
+        rcpts = group.recipients
         credentials = load_credentials(hop.route)
-        policy = tls_policy(self._config.delivery, hop.route)
+        base = tls_policy(self._config.delivery, hop.route)
+        policy = hop_policy(base, group.security, hop, self._config.delivery.ca_file)
+        if isinstance(policy, Outcome):  # DANE or MTA-STS rules this hop out
+            name = "dane" if group.security.dane else "mta-sts"
+            errors.append(_HopError(policy, hop.host, "", hop.port, name))
+            return None
         if credentials is not None and policy.mode == "none":
             text = f"route to {hop.host} has credentials but tls = none: AUTH is only sent over TLS"
             raise DeliveryError(Outcome.temp("4.7.4", text))
-        key: _PoolKey = (hop.host.lower(), hop.port, policy, credentials and credentials[0])
+        user = credentials and credentials[0]
+        key: _PoolKey = (hop.host.lower(), hop.port, policy, policy.name, user)
         session = await self._reuse(key)
         addresses = [] if session is not None else hop.addresses
         for address in addresses:
             try:
                 session = await open_session(self._endpoint(hop, address, policy, credentials))
                 break
+            except LoopsBack as e:
+                # Mail for these domains would come back here: fail it now, once,
+                # rather than let it bounce between us and ourselves until the hop
+                # count runs out. No other MX is tried (Postfix does the same).
+                loop = e.outcome
+                outcomes = {
+                    r: replace(loop, reply=f"mail for {domain_of(r)} loops back to myself")
+                    for r in rcpts
+                }
+                return _Result(outcomes, hop.host, address, hop.port, None, policy.name)
             except SessionError as e:
-                errors.append(_HopError(e.outcome, hop.host, address, hop.port))
+                errors.append(_HopError(e.outcome, hop.host, address, hop.port, policy.name))
         if session is None:
             return None
         tls = session.tls_version  # as negotiated, even if the connection dies mid-message
+        verified = session.verified
+        self._log_testing(envelope, group.security, hop, session)
         try:
             outcomes = await session.send(
                 envelope.sender,
@@ -218,9 +255,28 @@ class DeliveryAgent:
         except BaseException:  # cancelled mid-message: the session is in no known state
             session.abort()
             raise
-        result = _Result(outcomes, hop.host, session.address, hop.port, tls)
+        result = _Result(outcomes, hop.host, session.address, hop.port, tls, policy.name, verified)
         self._release(key, session)
         return result
+
+    def _log_testing(
+        self, envelope: Envelope, security: DomainSecurity, hop: Hop, session: Session
+    ) -> None:
+        """MTA-STS testing mode: say what enforce would have refused, deliver all the same."""
+        notes = list(session.notes)
+        mismatch = testing_mismatch(security, hop)
+        if mismatch is not None:
+            notes.insert(0, mismatch)
+        session.notes.clear()
+        if not notes:
+            return
+        log.event(
+            "smtp",
+            f"warning: MTA-STS policy of {security.domain} (mode testing) would refuse "
+            f"delivery to {session.endpoint.where}: {'; '.join(notes)}",
+            queue_id=envelope.queue_id,
+            level=logging.WARNING,
+        )
 
     def _endpoint(
         self, hop: Hop, address: str, policy: TLSPolicy, credentials: tuple[str, str] | None
@@ -239,6 +295,7 @@ class DeliveryAgent:
             credentials=credentials,
             connect_timeout=delivery.connect_timeout,
             command_timeout=delivery.command_timeout,
+            myself=None if hop.route is not None else self._config.hostname,
         )
 
     # -- the idle pool ---------------------------------------------------------
@@ -312,7 +369,13 @@ def _give_up(recipients: list[str], errors: list[_HopError]) -> _Result:
     outcome = last.outcome
     if not all(e.outcome.permanent for e in errors):
         outcome = outcome.softened()
-    return _Result(dict.fromkeys(recipients, outcome), last.host, last.address, last.port)
+    return _Result(
+        dict.fromkeys(recipients, outcome),
+        last.host,
+        last.address,
+        last.port,
+        tls_policy=last.tls_policy,
+    )
 
 
 def _attempts(recipients: list[str], result: _Result, started: float, t0: float) -> list[Attempt]:
@@ -333,7 +396,8 @@ def _attempts(recipients: list[str], result: _Result, started: float, t0: float)
             dsn=outcome.enhanced,
             status=outcome.status,
             duration=duration,
+            tls_policy=result.tls_policy,
+            tls_verified=result.tls_verified,
         )
         for outcome, rcpts in by_outcome.items()
     ]
-

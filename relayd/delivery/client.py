@@ -31,6 +31,14 @@ TLS policy (``[delivery] tls`` and ``[[route]] tls``):
 - ``implicit``: TLS from the first byte (port 465), same verification rules.
 - ``none``: clear text, STARTTLS is never tried.
 
+A next hop is not trusted to behave (SPEC section 8). Bytes buffered after
+the ``220`` to STARTTLS, or before any command outside PIPELINING, are never
+taken as a reply: the session is dropped (4.7.5 for STARTTLS injection,
+4.5.0 otherwise). Replies are bounded as they are read (reply.MAX_LINE,
+MAX_LINES, MAX_REPLY_BYTES, command_timeout per reply) and every Outcome
+carries them escaped and cut to 1 KB. A next hop that greets with our own
+hostname, where no ``[[route]]`` chose it, raises ``LoopsBack``.
+
 AUTH (PLAIN, else LOGIN) is only ever sent inside TLS. A message with 8-bit
 data goes out with BODY=8BITMIME when offered, and as it is when not: MIME
 down-conversion would break DKIM signatures, and servers that choke on 8-bit
@@ -42,18 +50,24 @@ when the submitting client used it, if offered.
 
 from __future__ import annotations
 
+import _ssl
 import asyncio
 import base64
 import contextlib
 import os
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 from relayd.config import DeliveryConfig, Route
+from relayd.delivery import dane
+from relayd.delivery.dane import TLSA
 from relayd.delivery.reply import (
+    MAX_LINE,
+    MAX_LINES,
+    MAX_REPLY_BYTES,
     DeliveryError,
     MalformedReply,
     Outcome,
@@ -67,35 +81,44 @@ from relayd.delivery.reply import (
 TLSMode = Literal["none", "opportunistic", "required", "implicit"]
 TLSContextFactory = Callable[[bool, Path | None], ssl.SSLContext]
 
-_MAX_REPLY_LINES = 1000
-_READ_LIMIT = 64 * 1024
 _QUIT_TIMEOUT = 2.0
 _VERBS = frozenset({"EHLO", "HELO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "RSET", "QUIT"})
 
 
 @dataclass(frozen=True)
 class TLSPolicy:
-    """How to protect one session; ``verify`` checks the cert against the host name."""
+    """How to protect one session; ``verify`` checks the cert against the host name.
+
+    ``name`` says where the policy came from, for the attempt records, the
+    log and the metrics: ``[delivery] tls`` (``none``, ``opportunistic``,
+    ``required``, ``verify``) or ``route``. It does not take part in
+    comparisons: two policies that protect a session alike are equal.
+    """
 
     mode: TLSMode
     verify: bool = False
     ca_file: Path | None = None
+    name: str = field(default="", compare=False)
+    # DANE: the certificate must match one of these TLSA records (and needs no CA).
+    dane: tuple[TLSA, ...] = ()
+    # MTA-STS testing: try a verified handshake, fall back to unverified TLS, note why.
+    sts_testing: bool = False
 
 
 def tls_policy(delivery: DeliveryConfig, route: Route | None) -> TLSPolicy:
     """The policy for a hop: the route's own settings, else ``[delivery] tls``."""
     if route is not None:
         if route.tls == "none":
-            return TLSPolicy("none")
+            return TLSPolicy("none", name="route")
         mode: TLSMode = "implicit" if route.tls == "implicit" else "required"
-        return TLSPolicy(mode, route.tls_verify, route.ca_file)
+        return TLSPolicy(mode, route.tls_verify, route.ca_file, name="route")
     if delivery.tls == "verify":
-        return TLSPolicy("required", verify=True)
+        return TLSPolicy("required", verify=True, ca_file=delivery.ca_file, name="verify")
     if delivery.tls == "required":
-        return TLSPolicy("required")
+        return TLSPolicy("required", name="required")
     if delivery.tls == "none":
-        return TLSPolicy("none")
-    return TLSPolicy("opportunistic")
+        return TLSPolicy("none", name="none")
+    return TLSPolicy("opportunistic", name="opportunistic")
 
 
 def default_tls_context(verify: bool, ca_file: Path | None) -> ssl.SSLContext:
@@ -163,6 +186,7 @@ class Endpoint:
     credentials: tuple[str, str] | None = None
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
+    myself: str | None = None  # our own hostname: a next hop greeting with it is us
 
     @property
     def where(self) -> str:
@@ -173,8 +197,14 @@ class SessionError(DeliveryError):
     """The session could not be set up or kept up: try the next address or MX."""
 
 
+class LoopsBack(SessionError):
+    """The next hop greeted us with our own hostname: the mail would come back to us."""
+
+
 class _TLSFailed(SessionError):
     """The TLS handshake itself failed (opportunistic TLS may go on in clear)."""
+
+    verification = False  # the certificate was refused, not the connection
 
 
 class _Broken(Exception):
@@ -197,6 +227,7 @@ class Session:
         self.extensions: dict[str, str] = {}
         self.messages = 0
         self._broken = False
+        self.notes: list[str] = []  # what MTA-STS enforce would have refused (testing mode)
 
     # -- state -------------------------------------------------------------
 
@@ -209,6 +240,12 @@ class Session:
         """"TLSv1.3" and the like, or None for clear text."""
         obj = self._writer.get_extra_info("ssl_object")
         return obj.version() if isinstance(obj, ssl.SSLObject | ssl.SSLSocket) else None
+
+    @property
+    def verified(self) -> bool:
+        """The session is encrypted and its certificate was checked (host name, or DANE)."""
+        tls = self.endpoint.tls
+        return self.tls_version is not None and (tls.verify or bool(tls.dane))
 
     @property
     def usable(self) -> bool:
@@ -232,24 +269,45 @@ class Session:
         await self._write(line.encode("utf-8") + b"\r\n", f"sending {what}")
 
     async def _read(self, doing: str) -> Reply:
-        """One whole reply, within command_timeout."""
+        """One whole reply, within command_timeout, bounded in lines and bytes.
+
+        A line over MAX_LINE octets, more than MAX_LINES lines or
+        MAX_REPLY_BYTES in all is a protocol error: the session is dropped
+        and the recipients deferred (4.5.0), nothing more is read.
+        """
         lines: list[str] = []
+        size = 0
         try:
             async with asyncio.timeout(self.endpoint.command_timeout):
-                while len(lines) < _MAX_REPLY_LINES:
+                while len(lines) < MAX_LINES:
                     raw = await self._reader.readline()
                     if not raw.endswith(b"\n"):
                         raise self._fail(f"lost connection while {doing}")
-                    lines.append(raw.decode("utf-8", errors="replace"))
+                    size += len(raw)
+                    if size > MAX_REPLY_BYTES:
+                        break
+                    lines.append(raw.decode("utf-8", errors="surrogateescape"))
                     if parse_line(lines[-1]).last:
                         return self._note(parse_reply(lines))
         except TimeoutError as e:
             raise self._fail(f"timed out while {doing}") from e
-        except (MalformedReply, ValueError) as e:
-            raise self._fail(f"malformed reply while {doing}: {e}", "4.5.0") from e
+        except ValueError as e:  # MalformedReply, or a line over the reader's limit
+            why = e if isinstance(e, MalformedReply) else "reply line too long"
+            raise self._fail(f"malformed reply while {doing}: {why}", "4.5.0") from e
         except (OSError, ConnectionError) as e:
             raise self._fail(f"lost connection while {doing}: {e}") from e
         raise self._fail(f"reply too long while {doing}", "4.5.0")
+
+    def _unsolicited(self, doing: str) -> None:
+        """Refuse to go on if the server has sent something we did not ask for yet.
+
+        Outside PIPELINING a server speaks only when spoken to: bytes waiting
+        before a command is sent are not its reply, whatever they say. Read
+        later, they would be taken as the answer to the next command (the
+        class of CVE-2011-0411), so the session is dropped instead.
+        """
+        if buffered(self._reader):
+            raise self._fail(f"unexpected data from the server before {doing}", "4.5.0")
 
     def _note(self, reply: Reply) -> Reply:
         """A 421 means the server is closing the session (RFC 5321 3.8): never reuse it."""
@@ -258,6 +316,8 @@ class Session:
         return reply
 
     async def _ask(self, line: str, doing: str) -> Reply:
+        verb = line.split(" ")[0].upper()
+        self._unsolicited(f"sending {verb if verb in _VERBS else 'AUTH data'}")
         await self._command(line)
         return await self._read(doing)
 
@@ -271,11 +331,27 @@ class Session:
         greeting = await self._read("waiting for the greeting")
         if greeting.code != 220:
             raise self._refuse(greeting, "greeted us with")
+        self._check_loop(greeting)
         await self._ehlo()
+
+    def _check_loop(self, reply: Reply) -> None:
+        """A next hop that calls itself by our name is us (Postfix: "loops back to myself").
+
+        The first word of the 220 banner or of the EHLO reply is the
+        server's name (RFC 5321 4.2). Checked only where ``myself`` is set:
+        not for ``[[route]]`` next hops, which the operator chose.
+        """
+        me = self.endpoint.myself
+        words = reply.lines[0].split() if reply.lines else []
+        if me and words and words[0].rstrip(".").lower() == me.rstrip(".").lower():
+            self.abort()
+            text = f"{self.endpoint.where} greeted us with our own hostname {me}"
+            raise LoopsBack(Outcome.perm("5.4.6", text))
 
     async def _ehlo(self) -> None:
         reply = await self._ask(f"EHLO {self.endpoint.helo}", "waiting for the reply to EHLO")
         if reply.code == 250:
+            self._check_loop(reply)
             self.extensions = ehlo_extensions(reply)
             return
         if not reply.permanent:
@@ -283,6 +359,7 @@ class Session:
         reply = await self._ask(f"HELO {self.endpoint.helo}", "waiting for the reply to HELO")
         if reply.code != 250:
             raise self._refuse(reply, "refused HELO with")
+        self._check_loop(reply)
         self.extensions = {}
 
     def _refuse(self, reply: Reply, how: str) -> SessionError:
@@ -295,17 +372,36 @@ class Session:
         mode = self.endpoint.tls.mode
         if mode not in ("opportunistic", "required"):
             return
+        # A domain's own policy (DANE, MTA-STS) that cannot be met is 4.7.5 (SPEC section 8).
+        missing = "4.7.5" if self.endpoint.tls.name in ("dane", "mta-sts") else "4.7.4"
         if "STARTTLS" not in self.extensions:
             if mode == "required":
-                raise self._refuse_tls("4.7.4", "TLS is required, but was not offered")
+                raise self._refuse_tls(missing, "TLS is required, but was not offered")
             return
         reply = await self._ask("STARTTLS", "waiting for the reply to STARTTLS")
         if reply.code != 220:
             if mode == "required":
-                raise self._refuse_tls("4.7.4", f"STARTTLS refused: {reply.line()}")
+                raise self._refuse_tls(missing, f"STARTTLS refused: {reply.line()}")
             return
+        self._injected("after the reply to STARTTLS")
         await self._handshake()
+        self._injected("in clear text before the TLS handshake")
         await self._ehlo()
+
+    def _injected(self, where: str) -> None:
+        """STARTTLS response injection (the client side of CVE-2011-0411).
+
+        Bytes already buffered after the ``220`` to STARTTLS came in clear
+        text, from the server or from anyone on the path; read after the
+        handshake they would pass for replies from the authenticated server
+        (a forged ``250`` to the end of data would lose the message). Such a
+        session is dropped as a TLS failure of this host (4.7.5): the next
+        address or MX is tried, else the recipients are deferred. It is not
+        retried in clear, even under opportunistic TLS, since someone is
+        tampering with the connection.
+        """
+        if buffered(self._reader):
+            raise self._refuse_tls("4.7.5", f"STARTTLS injection: unexpected data {where}")
 
     async def _handshake(self) -> None:
         ep = self.endpoint
@@ -317,7 +413,22 @@ class Session:
         except (ssl.SSLError, OSError, ConnectionError, TimeoutError) as e:
             self.abort()
             text = f"{ep.where}: TLS handshake failed: {_tls_error(e)}"
-            raise _TLSFailed(Outcome.temp("4.7.5", text)) from e
+            failed = _TLSFailed(Outcome.temp("4.7.5", text))
+            failed.verification = isinstance(e, ssl.SSLCertVerificationError)
+            raise failed from e
+        if self._writer.transport is None:  # the peer hung up during the handshake
+            self._broken = True
+            text = f"{ep.where}: TLS handshake failed: connection closed"
+            raise _TLSFailed(Outcome.temp("4.7.5", text))
+        if ep.tls.dane:
+            self._check_dane()
+
+    def _check_dane(self) -> None:
+        """RFC 7672: the presented chain must match a TLSA record, else no mail for this host."""
+        chain = _peer_chain(self._writer.get_extra_info("ssl_object"))
+        problem = dane.check_chain(self.endpoint.tls.dane, chain, [self.endpoint.host])
+        if problem is not None:
+            raise self._refuse_tls("4.7.5", f"DANE: {problem}")
 
     def _refuse_tls(self, enhanced: str, text: str) -> SessionError:
         self.abort()
@@ -427,6 +538,7 @@ class Session:
         if data_reply.code != 354:
             outcomes.update(dict.fromkeys(accepted, Outcome.refused(data_reply)))
             return
+        self._unsolicited("sending the message")  # nothing may follow the 354
         await self._write(encode_data(data), "sending the message")
         final = await self._read("waiting for the reply to the end of data")
         outcomes.update(dict.fromkeys(accepted, Outcome.of(final)))
@@ -436,6 +548,7 @@ class Session:
     ) -> tuple[Reply, list[Reply], Reply | None]:
         """RFC 2920: MAIL, RCPTs and DATA in one write, replies read in order."""
         batch = "".join(f"{c}\r\n" for c in [mail, *rcpts, "DATA"]).encode("utf-8")
+        self._unsolicited("sending MAIL")
         await self._write(batch, "sending MAIL, RCPT and DATA")
         mail_reply = await self._read("waiting for the reply to MAIL")
         rcpt_replies = [await self._read("waiting for the reply to RCPT") for _ in rcpts]
@@ -461,6 +574,7 @@ class Session:
         correct server refuses for want of recipients.
         """
         if data_reply is not None and data_reply.code == 354:
+            self._unsolicited("ending an empty message")
             await self._write(b".\r\n", "ending an empty message")
             await self._read("waiting for the reply to the end of data")
 
@@ -520,12 +634,14 @@ class Session:
             async with asyncio.timeout(_QUIT_TIMEOUT):
                 await self._writer.wait_closed()
         except (TimeoutError, OSError, ssl.SSLError):
-            self._writer.transport.abort()
+            self.abort()
 
     def abort(self) -> None:
         """Drop the connection now: a broken session owes the server no goodbye."""
         self._broken = True
-        self._writer.transport.abort()
+        transport: asyncio.WriteTransport | None = self._writer.transport
+        if transport is not None:  # None after a handshake the peer cut short
+            transport.abort()
 
 
 def _accepted(
@@ -539,6 +655,14 @@ def _accepted(
         else:
             outcomes[rcpt] = Outcome.refused(reply)
     return accepted
+
+
+def buffered(reader: asyncio.StreamReader) -> int:
+    """Bytes received and not yet read. StreamReader has no public way to ask."""
+    buffer = getattr(reader, "_buffer", None)
+    if buffer is None:  # pragma: no cover - guards against asyncio internals changing
+        raise RuntimeError("asyncio.StreamReader has no _buffer: cannot check for injection")
+    return len(buffer)
 
 
 def _b64(text: str) -> str:
@@ -563,7 +687,7 @@ async def _connect(ep: Endpoint) -> Session:
                 ssl=ep.context if implicit else None,
                 server_hostname=ep.host if implicit else None,
                 ssl_handshake_timeout=ep.connect_timeout if implicit else None,
-                limit=_READ_LIMIT,
+                limit=MAX_LINE,  # readline() refuses a longer line
             )
     except ssl.SSLError as e:
         text = f"{ep.where}: TLS handshake failed: {_tls_error(e)}"
@@ -596,9 +720,43 @@ async def open_session(ep: Endpoint) -> Session:
     if ep.tls.mode != "none" and ep.context is None:
         raise ValueError("a TLS policy needs an SSL context")
     try:
-        return await _setup(ep)
-    except _TLSFailed:
+        session = await _setup(ep)
+    except _TLSFailed as e:
         if ep.tls.mode != "opportunistic":
             raise
-    # Opportunistic TLS whose handshake failed: the same address, in clear.
-    return await _setup(replace(ep, tls=TLSPolicy("none"), context=None))
+        if ep.tls.sts_testing and e.verification:
+            # MTA-STS testing: enforce would refuse this certificate; deliver as
+            # usual (TLS without verification) and say so.
+            relaxed = replace(ep.tls, verify=False, sts_testing=False, name=ep.tls.name)
+            session = await open_session(
+                replace(ep, tls=relaxed, context=default_tls_context(False, None))
+            )
+            session.notes.append(f"certificate not valid ({e.outcome.reply})")
+            return session
+        # Opportunistic TLS whose handshake failed: the same address, in clear.
+        session = await _setup(replace(ep, tls=TLSPolicy("none", name=ep.tls.name), context=None))
+        if ep.tls.sts_testing:
+            session.notes.append(f"TLS failed ({e.outcome.reply})")
+        return session
+    if ep.tls.sts_testing and session.tls_version is None:
+        session.notes.append(f"{ep.where} offers no STARTTLS")
+    return session
+
+
+def _peer_chain(ssl_object: object) -> list[bytes]:
+    """The certificates the server presented, leaf first, as DER.
+
+    Python 3.13 has ``get_unverified_chain``; before it, the same method sits
+    on the private ``_sslobj``. Without either, the leaf alone (enough for
+    DANE-EE, the common case).
+    """
+    getter = getattr(ssl_object, "get_unverified_chain", None)
+    if getter is not None:
+        return [bytes(der) for der in getter() or []]
+    inner = getattr(ssl_object, "_sslobj", None)
+    getter = getattr(inner, "get_unverified_chain", None)
+    if getter is not None:
+        return [cert.public_bytes(_ssl.ENCODING_DER) for cert in getter() or []]
+    getpeercert = getattr(ssl_object, "getpeercert", None)
+    leaf = getpeercert(binary_form=True) if getpeercert is not None else None
+    return [leaf] if leaf else []

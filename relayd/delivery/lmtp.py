@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from relayd.config import HostPort
+from relayd.delivery.client import buffered
 from relayd.delivery.reply import MalformedReply, Outcome, Reply, parse_line, parse_reply
 
 MAX_LINE = 2048  # octets in one reply line
@@ -67,7 +68,7 @@ class _Conversation:
                 raise LMTPError(_local("LMTP server closed the connection")) from exc
             except TimeoutError as exc:
                 raise LMTPError(_local("LMTP server did not answer in time")) from exc
-            text = raw.decode("utf-8", "replace").rstrip("\r\n")
+            text = raw.decode("utf-8", "surrogateescape").rstrip("\r\n")
             lines.append(text)
             try:
                 if parse_line(text).last:
@@ -76,7 +77,13 @@ class _Conversation:
                 raise LMTPError(_local(f"malformed LMTP reply: {exc}")) from exc
         raise LMTPError(_local("LMTP reply has too many lines"))
 
+    def unsolicited(self, before: str) -> None:
+        """Bytes the server sent unasked are never taken as the reply to what follows."""
+        if buffered(self.reader):
+            raise LMTPError(_local(f"unexpected data from the LMTP server before {before}"))
+
     async def command(self, line: str) -> Reply:
+        self.unsolicited(line.split(" ")[0].upper())
         self.writer.write(line.encode("utf-8", "surrogateescape") + b"\r\n")
         await self.writer.drain()
         return await self.reply()
@@ -161,6 +168,7 @@ async def _transaction(
     reply = await talk.command("DATA")
     if reply.code != 354:
         raise LMTPError(_remote(reply, "DATA"))
+    talk.unsolicited("the message")
     talk.writer.write(stuff(data))
     await talk.writer.drain()
     for rcpt in accepted:  # RFC 2033 §4.2: one reply per accepted recipient, in order

@@ -31,6 +31,7 @@ import os
 import re
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +45,8 @@ from relayd import dns as rdns
 Mode = Literal["enforce", "testing", "none"]
 
 FETCH_TIMEOUT = 10.0  # seconds for the whole HTTPS fetch
+RECHECK = 300.0  # seconds a lookup's outcome is reused before the TXT record is asked again
+MAX_REMEMBERED = 10_000  # domains whose recent outcome is kept in memory
 MAX_POLICY_BYTES = 64 * 1024  # RFC 8461 3.2: senders may refuse larger bodies
 MAX_AGE_LIMIT = 31_557_600  # one year, the RFC's ceiling
 POLICY_PATH = "/.well-known/mta-sts.txt"
@@ -198,6 +201,7 @@ class MTASTS:
         dns_timeout: float = 5.0,
         port: int = 443,
         clock: Callable[[], float] = time.time,
+        recheck: float = RECHECK,
     ) -> None:
         self.resolver = resolver
         self.store = store
@@ -205,14 +209,22 @@ class MTASTS:
         self.dns_timeout = dns_timeout
         self.port = port
         self.clock = clock
+        self.recheck = recheck
         self._memory: dict[str, Cached] = {}
         self._inflight: dict[str, asyncio.Future[Lookup]] = {}
+        # Each domain's last outcome, reused for ``recheck`` seconds so that a
+        # burst of mail to one domain costs one TXT query, not one per message.
+        self._recent: OrderedDict[str, tuple[float, Lookup]] = OrderedDict()
 
     async def lookup(self, domain: str) -> Lookup:
         """The policy for ``domain``; concurrent deliveries to one domain share one lookup."""
         domain = domain.lower().rstrip(".")
         if not _domain_ok(domain):
             return Lookup(None, "no policy (domain name not usable)")
+        recent = self._recent.get(domain)
+        if recent is not None and self.clock() < recent[0]:
+            self._recent.move_to_end(domain)
+            return recent[1]
         running = self._inflight.get(domain)
         if running is not None:
             return await asyncio.shield(running)
@@ -220,6 +232,7 @@ class MTASTS:
         self._inflight[domain] = future
         try:
             result = await self._lookup(domain)
+            self._remember(domain, result)
             future.set_result(result)
             return result
         except BaseException as exc:
@@ -228,6 +241,17 @@ class MTASTS:
             raise
         finally:
             del self._inflight[domain]
+
+    def _remember(self, domain: str, result: Lookup) -> None:
+        expires = self.clock() + self.recheck
+        if result.policy is not None:  # never past the policy's own lifetime
+            cached = self._memory.get(domain)
+            if cached is not None:
+                expires = min(expires, cached.fetched_at + cached.policy.max_age)
+        self._recent[domain] = (expires, result)
+        self._recent.move_to_end(domain)
+        while len(self._recent) > MAX_REMEMBERED:
+            self._recent.popitem(last=False)
 
     def _cached(self, domain: str) -> Cached | None:
         cached = self._memory.get(domain) or self.store.load(domain)

@@ -8,6 +8,13 @@ nothing downstream ever parses a reply string again.
 Servers that do not send enhanced status codes (RFC 3463) still get one:
 the class default ``2.0.0`` / ``4.0.0`` / ``5.0.0``, which is what RFC 3463
 says a code-less reply means and what DSNs (RFC 3464) need.
+
+A next hop chooses every byte of its replies, so they are untrusted data.
+The reader bounds them as they arrive (``MAX_LINE``, ``MAX_LINES``,
+``MAX_REPLY_BYTES``: more is a protocol error), and an ``Outcome`` keeps
+at most ``MAX_STORED_REPLY`` characters of printable ASCII (see
+``clip_reply``): that text goes into the spool, the log, ``relayctl`` and
+bounces, once per recipient and attempt, so it must be small and inert.
 """
 
 from __future__ import annotations
@@ -17,12 +24,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from relayd.escape import printable
+
 Status = Literal["sent", "deferred", "failed"]
 
 # RFC 3463: class "." subject "." detail, subject and detail 1-3 digits.
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 _LINE = re.compile(r"([2-5][0-9][0-9])([ -]?)(.*)", re.DOTALL)
-_MAX_LINES = 1000
+MAX_LINE = 4096  # octets in one reply line, CR LF included (RFC 5321 says 512)
+MAX_LINES = 100  # lines in one reply
+MAX_REPLY_BYTES = 64 * 1024  # octets in one whole reply
+MAX_STORED_REPLY = 1024  # characters of a reply kept per recipient and attempt
+_CUT = "...[cut]"
 
 
 class MalformedReply(ValueError):
@@ -100,7 +113,7 @@ def parse_reply(lines: Sequence[str]) -> Reply:
     """Build a Reply from all of its lines, last line included."""
     if not lines:
         raise MalformedReply("empty reply")
-    if len(lines) > _MAX_LINES:
+    if len(lines) > MAX_LINES:
         raise MalformedReply("reply has too many lines")
     parsed = [parse_line(x) for x in lines]
     code = parsed[0].code
@@ -142,18 +155,53 @@ def size_limit(exts: dict[str, str]) -> int | None:
     return int(value)
 
 
+def stored_size(text: str) -> int:
+    """What ``text`` (printable ASCII) takes in a JSON state file: ``\\`` and ``"`` count twice."""
+    return len(text) + text.count("\\") + text.count('"')
+
+
+def clip_reply(text: str, limit: int = MAX_STORED_REPLY) -> str:
+    """``text`` escaped to printable ASCII (relayd.escape) and cut to ``limit`` bytes as stored.
+
+    What a reply becomes before it is stored, logged or quoted. Escaping
+    first means the cut can never reopen a control character, and the cut
+    never splits an escape (``\\x1b``) in two. The size counts what the text
+    takes in the JSON state file (see ``stored_size``), so a reply made of
+    escapes is cut shorter. Idempotent.
+    """
+    text = printable(text)
+    if stored_size(text) <= limit:
+        return text
+    budget = limit - len(_CUT)
+    cost = end = 0
+    for end, char in enumerate(text):  # noqa: B007 - end is used after the loop
+        cost += 2 if char in '\\"' else 1
+        if cost > budget:
+            break
+    head = text[:end]
+    tail = head.rfind("\\", max(0, len(head) - 3))
+    if tail != -1:  # an escape cut short: drop its start
+        head = head[:tail]
+    return head + _CUT
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What happened to a recipient (or would have): what the scheduler applies.
 
     ``reply`` is either the remote reply on one line, or a local description
-    of what went wrong ("connection refused"); ``remote`` says which.
+    of what went wrong ("connection refused"); ``remote`` says which. It
+    is always ``clip_reply``'d: printable ASCII, at most 1 KB.
     """
 
     status: Status
     enhanced: str
     reply: str
     remote: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reply", clip_reply(self.reply))
+        object.__setattr__(self, "enhanced", clip_reply(self.enhanced, 16))
 
     @property
     def permanent(self) -> bool:

@@ -31,6 +31,55 @@ class Attempt:
     dsn: str  # enhanced status, e.g. "2.0.0", "4.4.1", "5.1.1"
     status: Literal["sent", "deferred", "failed"]
     duration: float
+    # Which TLS policy governed the attempt: "none", "opportunistic",
+    # "required", "verify" ([delivery] tls) or "route" (a [[route]]'s own
+    # settings); "" for local transports and attempts that made no connection
+    # of their own. Later policies (MTA-STS, DANE) add their own names.
+    tls_policy: str = ""
+    tls_verified: bool = False  # the certificate was checked and found valid for the host
+    number: int = 0  # which delivery attempt of the message (1-based; 0 in old entries)
+
+
+HISTORY_KEEP_LAST = 20  # delivery attempts kept besides the first
+HISTORY_BUDGET = 640 * 1024  # bytes of history in the state file, well under 1 MB
+
+
+def _round(attempt: Attempt) -> tuple[int, float]:
+    """Which delivery attempt a record belongs to (old records: by start time)."""
+    return (attempt.number, 0.0) if attempt.number else (0, attempt.time)
+
+
+def _weight(attempt: Attempt) -> int:
+    """About what a record costs in the state file (JSON keys and numbers included)."""
+    addresses = sum(len(r) + 4 for r in attempt.recipients)
+    reply = len(attempt.reply) + attempt.reply.count("\\") + attempt.reply.count('"')  # as JSON
+    return 300 + reply + len(attempt.host) + addresses
+
+
+def trim_history(history: list[Attempt]) -> list[Attempt]:
+    """The first delivery attempt and the last ``HISTORY_KEEP_LAST``, within the budget.
+
+    A delivery attempt is one or more records (one per distinct outcome).
+    However often a message is tried and whatever the next hops answer
+    (each reply is already cut to 1 KB), the history stays bounded: older
+    attempts than the last 20 go, and if their text still passes
+    ``HISTORY_BUDGET`` (a message to very many recipients, each refused in
+    its own words), the oldest of them go too. The first attempt and the
+    latest one always stay.
+    """
+    rounds: dict[tuple[int, float], list[Attempt]] = {}
+    for attempt in history:
+        rounds.setdefault(_round(attempt), []).append(attempt)
+    keys = list(rounds)
+    if len(keys) > HISTORY_KEEP_LAST + 1:
+        keys = [keys[0], *keys[-HISTORY_KEEP_LAST:]]
+    weights = {k: sum(_weight(a) for a in rounds[k]) for k in keys}
+    total = sum(weights.values())
+    while total > HISTORY_BUDGET and len(keys) > 2:
+        total -= weights[keys.pop(1)]
+    if len(keys) == len(rounds):
+        return history
+    return [a for k in keys for a in rounds[k]]
 
 
 @dataclass

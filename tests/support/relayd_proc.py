@@ -58,6 +58,7 @@ class Relayd:
     hold_delivery: bool = True  # route everything to a closed loopback port: mail stays queued
     fsize_limit: int | None = None  # RLIMIT_FSIZE for the daemon: real write failures
     auth: str = ""  # more keys for the [auth] table
+    dns: str = ""  # more keys for the [dns] table
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -103,7 +104,9 @@ class Relayd:
         parts.append(f'[control]\nsocket = "{self.root / "control.sock"}"\n')
         parts.append(f'[local]\nsocket = "{self.root / "sendmail.sock"}"\n')
         parts.append('[logging]\ntarget = "stderr"\nlevel = "info"\n')
-        parts.append(f'[dns]\nnameservers = ["{self.dns_address}"]\ntimeout = "2s"\n')
+        parts.append(
+            f'[dns]\nnameservers = ["{self.dns_address}"]\ntimeout = "2s"\n{self.dns}\n'
+        )
         if self.hold_delivery:
             parts.append(
                 f'[[route]]\ndomain = "*"\nvia = "127.0.0.1:{self.dead_port}"\ntls = "none"\n'
