@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
 import time
@@ -370,18 +371,28 @@ def run(config: Config) -> int:
     try:
         return int(runner(main()))
     except OSError as exc:
-        # A listener that cannot bind, a spool that cannot be made: relayd
-        # cannot start on this config, and a restart loop would not help.
         log.event("master", f"fatal: {_bind_problem(exc, config)}", level=logging.CRITICAL)
-        return 78  # EX_CONFIG, so systemd's RestartPreventExitStatus=78 applies
+        return _exit_status(exc)
+
+
+EX_TEMPFAIL = 75
+
+
+def _exit_status(exc: OSError) -> int:
+    """75 (EX_TEMPFAIL) for a port another process holds, else 78 (EX_CONFIG).
+
+    A busy port is not a mistake in the config: the other MTA may be
+    stopping, and systemd's Restart=on-failure tries again in 5 s. An
+    address this host does not have, a port below 1024 without the
+    capability, a spool that cannot be made: those need the operator, and
+    RestartPreventExitStatus=78 stops a restart loop.
+    """
+    cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+    return EX_TEMPFAIL if cause.errno == errno.EADDRINUSE else 78
 
 
 def _bind_problem(exc: OSError, config: Config) -> str:
-    """The fatal start error, with who holds a busy port or what permission is missing.
-
-    Still exit status 78: SPEC section 1 has relayd exit 78 whenever it cannot
-    start on its config, and a listener address it cannot bind is part of it.
-    """
+    """The fatal start error, with who holds a busy port or what permission is missing."""
     text = exc.strerror or str(exc)
     for listener in config.listeners:
         if f"listener {listener.name}: cannot bind " not in text:

@@ -219,7 +219,7 @@ def _unknown_group(r: Relayd) -> None:
     assert run.returncode == 78
 
 
-def test_listener_that_cannot_bind_exits_78(tmp_path: Path) -> None:
+def test_busy_port_exits_75_naming_its_holder(tmp_path: Path) -> None:
     with Relayd(tmp_path) as r:
         _blocked(r)
 
@@ -237,7 +237,7 @@ def _blocked(r: Relayd) -> None:
         )
     finally:
         blocker.close()
-    assert run.returncode == 78
+    assert run.returncode == 75  # EX_TEMPFAIL: not a config error, systemd retries
     assert "cannot bind" in run.stderr
     # The port, and who holds it (this test process), with the way out.
     port = r.port("inbound")
