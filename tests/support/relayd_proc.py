@@ -59,6 +59,8 @@ class Relayd:
     fsize_limit: int | None = None  # RLIMIT_FSIZE for the daemon: real write failures
     auth: str = ""  # more keys for the [auth] table
     dns: str = ""  # more keys for the [dns] table
+    prefix: tuple[str, ...] = ()  # a command that runs relayd (unshare, setpriv, ...)
+    log_target: str = "stderr"  # [logging] target
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -103,7 +105,7 @@ class Relayd:
         parts.append(f'[spool]\npath = "{self.spool}"\nmin_free_space = "1MB"\n')
         parts.append(f'[control]\nsocket = "{self.root / "control.sock"}"\n')
         parts.append(f'[local]\nsocket = "{self.root / "sendmail.sock"}"\n')
-        parts.append('[logging]\ntarget = "stderr"\nlevel = "info"\n')
+        parts.append(f'[logging]\ntarget = "{self.log_target}"\nlevel = "info"\n')
         parts.append(
             f'[dns]\nnameservers = ["{self.dns_address}"]\ntimeout = "2s"\n{self.dns}\n'
         )
@@ -138,7 +140,7 @@ class Relayd:
         env.pop("JOURNAL_STREAM", None)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "relayd.cli", "--config", str(self.config_path)],
+            [*self.prefix, sys.executable, "-m", "relayd.cli", "--config", str(self.config_path)],
             stdout=log,
             stderr=log,
             env=env,
