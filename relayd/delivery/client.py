@@ -406,6 +406,7 @@ class Session:
     async def _handshake(self) -> None:
         ep = self.endpoint
         assert ep.context is not None
+        clear = self._writer.transport
         try:
             await self._writer.start_tls(
                 ep.context, server_hostname=ep.host, ssl_handshake_timeout=ep.connect_timeout
@@ -417,6 +418,10 @@ class Session:
             failed.verification = isinstance(e, ssl.SSLCertVerificationError)
             raise failed from e
         if self._writer.transport is None:  # the peer hung up during the handshake
+            # Python 3.11's start_tls leaves the writer without a transport, and the
+            # writer's __del__ would then print an "Exception ignored" traceback.
+            self._writer._transport = clear  # type: ignore[attr-defined]
+            clear.abort()
             self._broken = True
             text = f"{ep.where}: TLS handshake failed: connection closed"
             raise _TLSFailed(Outcome.temp("4.7.5", text))
