@@ -228,6 +228,13 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class ApiConfig:
+    # SPEC section 10: the HTTP API listens here; None = off.
+    address: HostPort | None = None
+    tls: bool = False  # serve HTTPS with the [tls] certificate
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     # Extension: processes accepting SMTP (1 = the daemon alone; 0 = one per
     # CPU core, written "auto"). Extra ones share the listening sockets and
@@ -255,6 +262,7 @@ class Config:
     dns: DNSConfig = field(default_factory=DNSConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     source: Path = DEFAULT_PATH
     warnings: tuple[str, ...] = ()
@@ -310,6 +318,7 @@ SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
     "[local]": ("socket",),
     "[logging]": ("level", "target"),
     "[metrics]": ("address",),
+    "[api]": ("address", "tls"),
     "[server]": ("processes",),
 }
 
@@ -333,6 +342,7 @@ _SECTIONS: Final[Mapping[str, Literal["table", "array"]]] = {
     "local": "table",
     "logging": "table",
     "metrics": "table",
+    "api": "table",
     "server": "table",
 }
 
@@ -1457,6 +1467,15 @@ def _read_metrics(loader: _Loader) -> MetricsConfig:
     return MetricsConfig(address=section.get("address", _host_port("127.0.0.1:9587"), None))
 
 
+def _read_api(loader: _Loader) -> ApiConfig:
+    section = loader.section("api")
+    section.check_unknown()
+    return ApiConfig(
+        address=section.get("address", _host_port("127.0.0.1:8025"), None),
+        tls=section.get("tls", _boolean, False),
+    )
+
+
 # ---------------------------------------------------------------------------
 # Loading.
 
@@ -1534,6 +1553,7 @@ def _build(loader: _Loader) -> Config:
         local=_read_local(loader),
         logging=_read_logging(loader),
         metrics=_read_metrics(loader),
+        api=_read_api(loader),
         server=_read_server(loader),
         source=loader.report.source,
         lines=loader.report.lines,

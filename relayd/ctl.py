@@ -801,6 +801,8 @@ def dispatch(args: argparse.Namespace, config: Config) -> int:
     if args.command == "user":
         if args.user_action == "test":
             return ctl_admin.cmd_user_test(args, config)
+        if args.user_action == "token":
+            return ctl_admin.cmd_user_token(args, config)
         return cmd_user(args, config)
     if args.command == "delivery":
         return ctl_admin.cmd_delivery(args, config)

@@ -33,6 +33,47 @@ def add_user_parsers(users: Any, common: argparse.ArgumentParser) -> None:
     test = users.add_parser("test", parents=[common], help="check a user's password (exit 0 or 1)")
     test.add_argument("name")
     test.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    token = users.add_parser(
+        "token", parents=[common], help="make, list or revoke a user's HTTP API tokens"
+    )
+    token.add_argument("name")
+    which = token.add_mutually_exclusive_group()
+    which.add_argument("--list", action="store_true", help="list the user's token ids")
+    which.add_argument("--revoke", metavar="ID", help="revoke one token")
+
+
+def cmd_user_token(args: argparse.Namespace, config: Config) -> int:
+    """``relayctl user token NAME [--list | --revoke ID]`` (SPEC §10)."""
+    import time
+
+    from relayd import users
+    from relayd.ctl import Failed
+
+    path = config.auth.users_file
+    try:
+        result = users.cmd_user_token(path, args.name, revoke=args.revoke, listing=args.list)
+    except users.UserError as exc:
+        raise Failed(str(exc)) from exc
+    except OSError as exc:
+        raise Failed(f"{path}: {exc.strerror or exc}") from exc
+    if args.revoke:
+        print(json.dumps({"ok": True}) if args.json else f"relayd: token {args.revoke} revoked")
+    elif args.list:
+        assert isinstance(result, list)
+        if args.json:
+            print(json.dumps({"tokens": [{"id": i, "created": c} for i, c in result]}))
+        for token_id, created in [] if args.json else result:
+            stamp = time.strftime("%Y-%m-%d %H:%M", time.gmtime(created))
+            print(f"{token_id}  created {stamp} UTC")
+    else:
+        assert isinstance(result, tuple)
+        token_id, secret = result
+        if args.json:
+            print(json.dumps({"id": token_id, "token": secret}))
+        else:
+            print(f"id: {token_id}\ntoken: {secret}")
+            print("relayctl: the token is shown only this once", file=sys.stderr)
+    return 0
 
 
 def add_dkim_parsers(dkim: Any, common: argparse.ArgumentParser) -> None:

@@ -23,6 +23,8 @@ from typing import Any
 from relayd import __version__, dkim, log, porthold, systemd, workers
 from relayd import dns as relayd_dns
 from relayd.acceptor import AcceptorPool, worker_count
+from relayd.api.ledger import Ledger
+from relayd.api.server import ApiServer
 from relayd.config import Config, ConfigError, check_files, load_config
 from relayd.control.server import ControlServer
 from relayd.delivery.agent import DeliveryAgent
@@ -77,10 +79,16 @@ class Daemon:
         self.listeners = Listeners(lambda: self.services)
         self.control = ControlServer(self)
         self.local = LocalSubmission(lambda: self.services)
+        self.ledger = Ledger(config.spool.path)
+        self.api = ApiServer(
+            lambda: self.services, self.users, self.scheduler.envelope, self.ledger
+        )
+        self.scheduler.on_removed = self._left_queue
         self.acceptors = AcceptorPool(
             config.source, self._announced, self._rescan, metrics=self.metrics
         )
         self._stop = asyncio.Event()
+        self._ledger_writes: set[asyncio.Future[None]] = set()
         self._reload_lock = asyncio.Lock()
         self._closing: asyncio.Future[None] | None = None
 
@@ -104,6 +112,14 @@ class Daemon:
         await self.spool.commit(envelope, message, tail)
         self.counters.accepted += 1
         self.scheduler.add(envelope)
+
+    def _left_queue(self, env: Envelope) -> None:
+        """An API message left the queue: keep its outcome for GET /v1/messages/ID."""
+        if env.listener != "api":
+            return
+        task = asyncio.ensure_future(asyncio.to_thread(self.ledger.record, env))
+        self._ledger_writes.add(task)
+        task.add_done_callback(self._ledger_writes.discard)
 
     def _announced(self, queue_id: str) -> None:
         """An acceptor process committed this message: schedule it."""
@@ -135,6 +151,8 @@ class Daemon:
         await self.control.start(self.config.control)
         await self.local.start(self.config.local.socket)
         await self.metrics_server.start(self.config.metrics.address)  # read at start only
+        api_tls = self.services.tls_context if self.config.api.tls else None
+        await self.api.start(self.config.api.address, api_tls)  # read at start only
         for sig, handler in (
             (signal.SIGTERM, self._stop.set),
             (signal.SIGINT, self._stop.set),
@@ -180,6 +198,8 @@ class Daemon:
         await self.control.stop()
         await self.local.stop()
         await self.metrics_server.stop()
+        await self.api.stop()
+        await asyncio.gather(*self._ledger_writes, return_exceptions=True)
         for task in tasks:
             task.cancel()
         for task in tasks:

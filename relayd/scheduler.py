@@ -128,6 +128,8 @@ class Scheduler:
         self._attempt_timeout = attempt_timeout
         self._metrics = metrics or Metrics()
         self._envelopes: dict[str, Envelope] = {}
+        # Told of each message that leaves the queue (the API's ledger listens).
+        self.on_removed: Callable[[Envelope], None] | None = None
         self._heap: list[tuple[float, str]] = []
         self._blocked: list[tuple[float, str]] = []  # due, waiting for a free slot
         self._tasks: dict[str, asyncio.Task[None]] = {}  # one per message in flight
@@ -159,6 +161,11 @@ class Scheduler:
 
     def knows(self, queue_id: str) -> bool:
         return queue_id in self._envelopes
+
+    def envelope(self, queue_id: str) -> Envelope | None:
+        """The message's current state (a copy), or None when it is not queued."""
+        env = self._envelopes.get(queue_id)
+        return env.copy() if env is not None else None
 
     def reconfigure(self, config: Config, agent: AgentLike | None = None) -> None:
         """Use a new config snapshot (and delivery agent) from now on.
@@ -747,10 +754,12 @@ class Scheduler:
                     level=logging.ERROR,
                 )
                 return False
-        self._envelopes.pop(qid, None)
+        env = self._envelopes.pop(qid, None)
         self._deleted.discard(qid)
         self._locks.pop(qid, None)
         event("qmgr", "removed", queue_id=qid)
+        if env is not None and self.on_removed is not None:
+            self.on_removed(env)
         return True
 
     async def _remove_deleted(self, env: Envelope) -> None:

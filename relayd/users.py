@@ -42,9 +42,10 @@ import secrets
 import stat
 import sys
 import tempfile
+import time
 import tomllib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -132,6 +133,7 @@ class User:
 class _Entry:
     hash: str
     allow_from: tuple[str, ...]
+    tokens: tuple[str, ...] = ()  # API tokens as "ID:CREATED:SHA256", see new_token
 
 
 # --- password hashes ---------------------------------------------------------
@@ -326,9 +328,9 @@ def _entry_from_toml(raw_name: str, value: Any) -> tuple[str, _Entry]:
     name = normalize_name(raw_name)
     if not isinstance(value, dict):
         raise ValueError("expected a table with hash and allow_from")
-    unknown = sorted(set(value) - {"hash", "allow_from"})
+    unknown = sorted(set(value) - {"hash", "allow_from", "tokens"})
     if unknown:
-        raise ValueError(f"unknown key {unknown[0]!r} (known: hash, allow_from)")
+        raise ValueError(f"unknown key {unknown[0]!r} (known: hash, allow_from, tokens)")
     encoded = value.get("hash")
     if not isinstance(encoded, str):
         raise ValueError("hash: missing or not a string")
@@ -339,7 +341,10 @@ def _entry_from_toml(raw_name: str, value: Any) -> tuple[str, _Entry]:
     patterns = value.get("allow_from", [])
     if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
         raise ValueError('allow_from: expected a list of strings like ["*@example.com"]')
-    return name, _Entry(encoded, tuple(normalize_pattern(p) for p in patterns))
+    tokens = value.get("tokens", [])
+    if not isinstance(tokens, list) or not all(_stored_token_ok(t) for t in tokens):
+        raise ValueError("tokens: expected entries made by `relayctl user token`")
+    return name, _Entry(encoded, tuple(normalize_pattern(p) for p in patterns), tuple(tokens))
 
 
 def _entries_from_toml(path: Path, text: str, data: dict[str, Any]) -> dict[str, _Entry]:
@@ -496,8 +501,7 @@ class UserDB:
         path = Path(path)
         data = {
             "users": {
-                name: {"hash": entry.hash, "allow_from": list(entry.allow_from)}
-                for name, entry in sorted(self._entries.items())
+                name: _entry_table(entry) for name, entry in sorted(self._entries.items())
             }
         }
         try:
@@ -518,7 +522,44 @@ class UserDB:
     def set_password(self, name: str, password: str) -> None:
         key = self._existing(name)
         encoded = hash_password(_normalize_password(password), self.params)
-        self._entries[key] = _Entry(encoded, self._entries[key].allow_from)
+        self._entries[key] = replace(self._entries[key], hash=encoded)
+
+    # -- API tokens (SPEC §10): random secrets, stored as their SHA-256 only
+
+    def add_token(self, name: str, now: float) -> tuple[str, str]:
+        """A new token for ``name``: (id, secret). Only the hash is kept."""
+        key = self._existing(name)
+        token_id, secret = new_token()
+        stored = f"{token_id}:{int(now)}:{_token_digest(secret)}"
+        entry = self._entries[key]
+        self._entries[key] = replace(entry, tokens=(*entry.tokens, stored))
+        return token_id, secret
+
+    def token_list(self, name: str) -> list[tuple[str, int]]:
+        """(id, created) of each of the user's tokens."""
+        entry = self._entries[self._existing(name)]
+        return [(t.split(":")[0], int(t.split(":")[1])) for t in entry.tokens]
+
+    def revoke_token(self, name: str, token_id: str) -> None:
+        key = self._existing(name)
+        entry = self._entries[key]
+        kept = tuple(t for t in entry.tokens if t.split(":")[0] != token_id)
+        if len(kept) == len(entry.tokens):
+            raise UserError(f"user {key} has no token {token_id}")
+        self._entries[key] = replace(entry, tokens=kept)
+
+    def token_owner(self, secret: str) -> str | None:
+        """The user a bearer token belongs to, or None. Constant-time on the digest."""
+        token_id = _token_id(secret)
+        if token_id is None:
+            return None
+        digest = _token_digest(secret)
+        for name, entry in self._entries.items():
+            for stored in entry.tokens:
+                sid, _, rest = stored.partition(":")
+                if sid == token_id and hmac.compare_digest(rest.partition(":")[2], digest):
+                    return name
+        return None
 
     def delete(self, name: str) -> None:
         del self._entries[self._existing(name)]
@@ -558,7 +599,7 @@ class UserDB:
         entry = self._entries.get(key)
         if entry is None or hash_scheme(entry.hash) != "scrypt":
             return False
-        self._entries[key] = _Entry(hash_password(password, self.params), entry.allow_from)
+        self._entries[key] = replace(entry, hash=hash_password(password, self.params))
         return True
 
     def _existing(self, name: str) -> str:
@@ -643,6 +684,60 @@ class UserStore:
             event("smtpd", f"users file {self.path} does not exist yet: no submission users")
         else:
             event("smtpd", f"users file {self.path}: {len(db.names())} users")
+
+
+# --- API tokens -----------------------------------------------------------------
+
+_TOKEN_PREFIX = "rly_"
+
+
+def new_token() -> tuple[str, str]:
+    """(id, secret): the secret carries its id, so a lookup needs no scan of hashes."""
+    token_id = secrets.token_hex(4)
+    return token_id, f"{_TOKEN_PREFIX}{token_id}_{secrets.token_urlsafe(32)}"
+
+
+def _token_id(secret: str) -> str | None:
+    if not secret.startswith(_TOKEN_PREFIX) or len(secret) > 200:
+        return None
+    token_id, sep, _ = secret[len(_TOKEN_PREFIX) :].partition("_")
+    return token_id if sep and len(token_id) == 8 else None
+
+
+def _token_digest(secret: str) -> str:
+    """SHA-256 is enough: a token is 256 random bits, not a password someone chose."""
+    return hashlib.sha256(secret.encode("utf-8", "replace")).hexdigest()
+
+
+def _stored_token_ok(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    parts = value.split(":")
+    return len(parts) == 3 and len(parts[0]) == 8 and parts[1].isdigit() and len(parts[2]) == 64
+
+
+def _entry_table(entry: _Entry) -> dict[str, Any]:
+    table: dict[str, Any] = {"hash": entry.hash, "allow_from": list(entry.allow_from)}
+    if entry.tokens:
+        table["tokens"] = list(entry.tokens)
+    return table
+
+
+def cmd_user_token(
+    path: Path | str, name: str, *, revoke: str | None = None, listing: bool = False
+) -> tuple[str, str] | list[tuple[str, int]] | None:
+    """``relayctl user token NAME [--list | --revoke ID]``."""
+    if listing:
+        return UserDB.load(path).token_list(name)
+    with _locked(Path(path)):
+        db = UserDB.load(path)
+        if revoke is not None:
+            db.revoke_token(name, revoke)
+            db.save(path)
+            return None
+        created = db.add_token(name, time.time())
+        db.save(path)
+        return created
 
 
 # --- relayctl user ... ---------------------------------------------------------
