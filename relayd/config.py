@@ -72,6 +72,8 @@ class Listener:
     address: HostPort
     mode: ListenerMode = "submission"
     tls: ListenerTLS = "starttls"
+    # SPEC section 11: connections start with a PROXY header (from [server] proxy_from).
+    proxy_protocol: bool = False
 
 
 @dataclass(frozen=True)
@@ -240,6 +242,8 @@ class ServerConfig:
     # CPU core, written "auto"). Extra ones share the listening sockets and
     # hand every accepted message to the daemon's single queue manager.
     processes: int = 1
+    # SPEC section 11: balancers whose PROXY header relayd believes.
+    proxy_from: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -277,7 +281,7 @@ class Config:
 
 SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
     "": ("hostname",),
-    "[[listener]]": ("name", "address", "mode", "tls"),
+    "[[listener]]": ("name", "address", "mode", "tls", "proxy_protocol"),
     "[tls]": ("cert", "key"),
     "[auth]": ("users_file", "max_failures", "failure_window"),
     "[relay]": (
@@ -319,7 +323,7 @@ SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
     "[logging]": ("level", "target"),
     "[metrics]": ("address",),
     "[api]": ("address", "tls"),
-    "[server]": ("processes",),
+    "[server]": ("processes", "proxy_from"),
 }
 
 # Top-level names that open a section, and whether they are one table
@@ -1086,9 +1090,10 @@ def _read_listener(section: _Section) -> _Placed | None:
     default_address = HostPort("0.0.0.0", _DEFAULT_LISTENER_PORTS[kind])
     address = section.get("address", _host_port("0.0.0.0:587"), default_address)
     name = section.get("name", _listener_name, _DEFAULT_LISTENER_NAMES.get(kind, "submission"))
+    proxy = section.get("proxy_protocol", _boolean, False)
     if section.failed:
         return None
-    return Listener(name, address, mode, tls), section
+    return Listener(name, address, mode, tls, proxy), section
 
 
 def _read_listeners(loader: _Loader) -> list[_Placed]:
@@ -1458,7 +1463,10 @@ def _processes(value: object) -> int:
 def _read_server(loader: _Loader) -> ServerConfig:
     section = loader.section("server")
     section.check_unknown()
-    return ServerConfig(processes=section.get("processes", _processes, ServerConfig().processes))
+    return ServerConfig(
+        processes=section.get("processes", _processes, ServerConfig().processes),
+        proxy_from=section.get("proxy_from", _array(_strict_network, '["10.0.0.5"]'), ()),
+    )
 
 
 def _read_metrics(loader: _Loader) -> MetricsConfig:
@@ -1559,6 +1567,14 @@ def _build(loader: _Loader) -> Config:
         lines=loader.report.lines,
     )
     # The warnings are complete only once every section has been read.
+    for listener, section in listeners:
+        if listener.proxy_protocol and not config.server.proxy_from:
+            section.error(
+                "proxy_protocol",
+                f"listener {_quote(listener.name)} expects a PROXY header, but [server] "
+                "proxy_from lists no balancer, so every connection would be closed; add "
+                'the balancer\'s address, like proxy_from = ["10.0.0.5"]',
+            )
     return replace(config, warnings=tuple(loader.report.warning_lines()))
 
 

@@ -106,7 +106,12 @@ class Listeners:
         # Accepted in clear even for implicit TLS: the Gate counts the
         # connection first, then runs the handshake with its own timeout.
         server = await loop.create_server(
-            lambda: Gate(self._current(), lambda: self._session(listener), tls),
+            lambda: Gate(
+                self._current(),
+                lambda: self._session(listener),
+                tls,
+                proxy_protocol=listener.proxy_protocol,
+            ),
             sock=sock,
         )
         log.event(

@@ -149,6 +149,7 @@ class Session(SMTP):  # type: ignore[misc]
         self._tls_version: str | None = None  # for metrics, once TLS is up
         self._connected = False
         self._lost = False
+        self.peer: tuple[str, int] | None = None  # the client a PROXY header named
         self._smtp_methods = {
             name: self._counted(name, m) for name, m in self._smtp_methods.items()
         }
@@ -167,7 +168,7 @@ class Session(SMTP):  # type: ignore[misc]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None:
-            peer = transport.get_extra_info("peername") or ("", 0)
+            peer = self.peer or transport.get_extra_info("peername") or ("", 0)
             self.client = ClientInfo(
                 ip=str(peer[0]),
                 port=int(peer[1]),
@@ -183,6 +184,8 @@ class Session(SMTP):  # type: ignore[misc]
                 client_ip=self.client.ip,
             )
         super().connection_made(transport)
+        if self.peer is not None and self.session is not None:
+            self.session.peer = self.peer  # type: ignore[assignment]
         if self._tls_active():  # implicit TLS, or the STARTTLS handshake just finished
             self._tls_version = self._tls_info()[0]
 
