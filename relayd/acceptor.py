@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from relayd import log
+from relayd.cluster import wiring as cluster
 from relayd.config import Config, ConfigError, load_config
 from relayd.metrics import Metrics
 from relayd.policy import ratelimit
-from relayd.policy.authguard import AuthGuard
 from relayd.smtpd.listener import Listeners
 from relayd.smtpd.services import Services
 from relayd.spool.model import Envelope
@@ -203,14 +203,15 @@ class Acceptor:
         self.master = master
         self.spool = Spool(config.spool.path)
         self.spool.ensure()
+        limiter, guard = cluster.counters(config)
         self.services: Services = build_services(
             config,
             users=UserStore(config.auth.users_file),
             connections=ratelimit.ConnectionCounter(
                 config.limits.max_connections, config.limits.max_connections_per_ip
             ),
-            auth_guard=AuthGuard.in_spool(config.spool.path, config.auth),
-            rate_limiter=ratelimit.RateLimiter(config.rate_limits),
+            auth_guard=guard,
+            rate_limiter=limiter,
             enqueue=self._enqueue,
             free_space=self.spool.free_space,
             spill_dir=self.spool.tmp_dir,

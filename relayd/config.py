@@ -230,6 +230,12 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    # SPEC section 11: rate limits and wrong-password counts in Redis/Valkey.
+    redis: str | None = None
+
+
+@dataclass(frozen=True)
 class ApiConfig:
     # SPEC section 10: the HTTP API listens here; None = off.
     address: HostPort | None = None
@@ -267,6 +273,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     source: Path = DEFAULT_PATH
     warnings: tuple[str, ...] = ()
@@ -323,6 +330,7 @@ SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
     "[logging]": ("level", "target"),
     "[metrics]": ("address",),
     "[api]": ("address", "tls"),
+    "[cluster]": ("redis",),
     "[server]": ("processes", "proxy_from"),
 }
 
@@ -347,6 +355,7 @@ _SECTIONS: Final[Mapping[str, Literal["table", "array"]]] = {
     "logging": "table",
     "metrics": "table",
     "api": "table",
+    "cluster": "table",
     "server": "table",
 }
 
@@ -1475,6 +1484,19 @@ def _read_metrics(loader: _Loader) -> MetricsConfig:
     return MetricsConfig(address=section.get("address", _host_port("127.0.0.1:9587"), None))
 
 
+def _redis_url(value: object) -> str:
+    text = _string(value).strip()
+    if not text.startswith(("redis://", "rediss://", "unix://")):
+        raise _Bad(f'expected a URL like "redis://127.0.0.1:6379/0", got {_show(value)}')
+    return text
+
+
+def _read_cluster(loader: _Loader) -> ClusterConfig:
+    section = loader.section("cluster")
+    section.check_unknown()
+    return ClusterConfig(redis=section.get("redis", _redis_url, None))
+
+
 def _read_api(loader: _Loader) -> ApiConfig:
     section = loader.section("api")
     section.check_unknown()
@@ -1562,6 +1584,7 @@ def _build(loader: _Loader) -> Config:
         logging=_read_logging(loader),
         metrics=_read_metrics(loader),
         api=_read_api(loader),
+        cluster=_read_cluster(loader),
         server=_read_server(loader),
         source=loader.report.source,
         lines=loader.report.lines,

@@ -25,6 +25,7 @@ from relayd import dns as relayd_dns
 from relayd.acceptor import AcceptorPool, worker_count
 from relayd.api.ledger import Ledger
 from relayd.api.server import ApiServer
+from relayd.cluster import wiring as cluster
 from relayd.config import Config, ConfigError, check_files, load_config
 from relayd.control.server import ControlServer
 from relayd.delivery.agent import DeliveryAgent
@@ -67,8 +68,7 @@ class Daemon:
         self.metrics.queue = self.scheduler.counts
         self.metrics_server = MetricsServer(self.metrics.render)
         self.users = UserStore(config.auth.users_file)
-        self.rate_limiter = ratelimit.RateLimiter(config.rate_limits)
-        self.auth_guard = AuthGuard.in_spool(config.spool.path, config.auth)
+        self.rate_limiter, self.auth_guard = cluster.counters(config)
         self.connections = ratelimit.ConnectionCounter(
             config.limits.max_connections, config.limits.max_connections_per_ip
         )
@@ -262,6 +262,8 @@ class Daemon:
             ("[control] group", old.control.group, config.control.group),
             ("[local] socket", old.local.socket, config.local.socket),
             ("[metrics] address", old.metrics.address, config.metrics.address),
+            ("[api] address", old.api.address, config.api.address),
+            ("[cluster] redis", old.cluster.redis, config.cluster.redis),
         ):
             if before != after:
                 log.event(
