@@ -47,15 +47,19 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 def test_a_rate_limit_holds_in_total_across_nodes(redis_server: RedisServer) -> None:
     limits = RateLimits(per_user=Rate(3, 3600.0, "3/hour"))
-    nodes = [SharedRateLimiter(limits, Store(redis_server.url)) for _ in range(2)]
-    now = time.time()
-    assert nodes[0].check(now, "127.0.0.1", "alice", None, record=False) is None  # not counted
-    verdicts = [nodes[i % 2].check(now + i, "127.0.0.1", "alice", None) for i in range(5)]
-    assert [v is None for v in verdicts] == [True, True, True, False, False]
-    refusal = verdicts[3]
-    assert refusal is not None and (refusal.code, refusal.enhanced) == (450, "4.7.1")
-    assert "per user (3/hour) reached for alice" in refusal.text
-    assert nodes[1].check(now, "127.0.0.1", "bob", None) is None  # other users unaffected
+
+    async def run() -> None:
+        nodes = [SharedRateLimiter(limits, Store(redis_server.url)) for _ in range(2)]
+        now = time.time()
+        assert await nodes[0].acheck(now, "127.0.0.1", "alice", None, record=False) is None
+        verdicts = [await nodes[i % 2].acheck(now + i, "127.0.0.1", "alice") for i in range(5)]
+        assert [v is None for v in verdicts] == [True, True, True, False, False]
+        refusal = verdicts[3]
+        assert refusal is not None and (refusal.code, refusal.enhanced) == (450, "4.7.1")
+        assert "per user (3/hour) reached for alice" in refusal.text
+        assert await nodes[1].acheck(now, "127.0.0.1", "bob") is None  # others unaffected
+
+    asyncio.run(run())
 
 
 def test_wrong_passwords_spread_over_nodes_meet_one_budget(
@@ -84,15 +88,19 @@ def test_wrong_passwords_spread_over_nodes_meet_one_budget(
 
 def test_store_down_means_counting_locally(redis_server: RedisServer) -> None:
     limits = RateLimits(per_user=Rate(1, 3600.0, "1/hour"))
-    node = SharedRateLimiter(limits, Store(redis_server.url))
-    now = time.time()
-    assert node.check(now, "127.0.0.1", "alice", None) is None
-    redis_server.stop()
-    started = time.monotonic()
-    # Shared count said 1 of 1; alone the node starts from its own (empty) count.
-    assert node.check(now + 1, "127.0.0.1", "alice", None) is None
-    assert node.check(now + 2, "127.0.0.1", "alice", None) is not None  # local limit holds
-    assert time.monotonic() - started < 2  # one short timeout, then no more waiting
+
+    async def run() -> None:
+        node = SharedRateLimiter(limits, Store(redis_server.url))
+        now = time.time()
+        assert await node.acheck(now, "127.0.0.1", "alice") is None
+        redis_server.stop()
+        started = time.monotonic()
+        # Shared count said 1 of 1; alone the node starts from its own (empty) count.
+        assert await node.acheck(now + 1, "127.0.0.1", "alice") is None
+        assert await node.acheck(now + 2, "127.0.0.1", "alice") is not None  # local limit
+        assert time.monotonic() - started < 2  # one short timeout, then no more waiting
+
+    asyncio.run(run())
 
 
 # ---- three relayd nodes ----------------------------------------------------------------------
@@ -145,6 +153,14 @@ def test_three_nodes_share_limits_and_survive_redis_going_away(
         guesses = [submit(nodes[i % 3], "wrong", source="127.0.0.50") for i in range(7)]
         assert guesses[:5] == [535] * 5, guesses
         assert set(guesses[5:]) <= {421, 454}, guesses
+        # The account: 20 wrong passwords an hour from all addresses and nodes together
+        # (5 spent above); then 454 without a check, except for addresses it knows.
+        spread = [submit(nodes[i % 3], "wrong", f"127.0.0.{100 + i}") for i in range(17)]
+        assert spread == [535] * 15 + [454] * 2, spread
+        assert submit(nodes[0], source="127.0.0.99") == 454  # right password, unknown address
+        # 127.0.0.1 logged in before: its login is still checked and accepted (the 450
+        # comes after AUTH, at MAIL: the user's 3/hour are used up).
+        assert submit(nodes[1]) == 450
         redis_server.stop()
         # Mail keeps flowing: each node now counts alone (it has 0 of its own).
         assert [submit(r) for r in nodes] == [250, 250, 250]

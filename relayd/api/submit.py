@@ -81,7 +81,7 @@ async def submit(
     refusal = identity.header_refusal(header, lambda a: services.sender_verdict(who.user, a))
     if refusal is not None:
         raise ApiError.of(refusal)
-    verdict = services.rate_limiter.check(
+    verdict = await services.rate_limiter.acheck(
         time.time(), who.client_ip, who.user, sender.rpartition("@")[2], record=True
     )
     if verdict is not None:

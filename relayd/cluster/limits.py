@@ -47,13 +47,17 @@ return counts
 
 
 class SharedRateLimiter(RateLimiter):
-    """A RateLimiter whose counts live in Redis; this node's own when Redis is down."""
+    """A RateLimiter whose counts live in Redis; this node's own when Redis is down.
+
+    ``acheck`` (what sessions call) asks Redis with the asyncio client; the
+    inherited synchronous ``check`` is the node-local fallback.
+    """
 
     def __init__(self, limits: RateLimits, store: Store, max_keys: int = DEFAULT_MAX_KEYS) -> None:
         super().__init__(limits, max_keys)
         self.store = store
 
-    def check(
+    async def acheck(
         self,
         now: float,
         ip: str,
@@ -62,6 +66,7 @@ class SharedRateLimiter(RateLimiter):
         *,
         record: bool = True,
     ) -> Verdict:
+        """Checked (and counted) in Redis; by this node alone while the store is down."""
         applicable = self._applicable(ip, user, sender_domain)
         if not applicable:
             return None
@@ -74,10 +79,10 @@ class SharedRateLimiter(RateLimiter):
             keys += [f"{PREFIX}{name}:{key}:{index}", f"{PREFIX}{name}:{key}:{index - 1}"]
             args += [rate.count, width, (now - index * width) / width]
             starts.append(index * width)
-        script = self.store.script(_SCRIPT)
-        counts = self.store.call("rate limits", lambda client: script(keys=keys, args=args))
+        script = self.store.script(_SCRIPT, asynchronous=True)
+        counts = await self.store.acall("rate limits", lambda _: script(keys=keys, args=args))
         if counts is None:  # the store is down: this node counts alone meanwhile
-            return super().check(now, ip, user, sender_domain, record=record)
+            return self.check(now, ip, user, sender_domain, record=record)
         hits: list[_Hit] = []
         for i, (name, key, rate) in enumerate(applicable):
             window = _Window(starts[i])

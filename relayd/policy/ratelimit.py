@@ -215,6 +215,18 @@ class RateLimiter:
                 self._tables[name].record(key, now, rate)
         return None
 
+    async def acheck(
+        self,
+        now: float,
+        ip: str,
+        user: str | None = None,
+        sender_domain: str | None = None,
+        *,
+        record: bool = True,
+    ) -> Verdict:
+        """:meth:`check` for sessions; a shared limiter (relayd.cluster) asks its store here."""
+        return self.check(now, ip, user, sender_domain, record=record)
+
 
 def _refusal(hit: _Hit) -> Refuse:
     seconds = math.ceil(hit.wait) if math.isfinite(hit.wait) else 0

@@ -114,7 +114,7 @@ class NoRecipientCheck:
 
 
 class RateLimiter(Protocol):
-    def check(
+    async def acheck(
         self, now: float, ip: str, user: str | None, sender_domain: str | None, *, record: bool
     ) -> Verdict: ...
 

@@ -661,7 +661,7 @@ class Session(SMTP):  # type: ignore[misc]
             if verdict is not None:
                 return verdict.reply()
         domain = sender.domain if sender else ""
-        verdict = services.rate_limiter.check(
+        verdict = await services.rate_limiter.acheck(
             time.time(), self.client.ip, self.user, domain, record=False
         )
         if verdict is not None:
@@ -826,9 +826,10 @@ class Session(SMTP):  # type: ignore[misc]
         except _Refused as refused:
             self._log_reject("END-OF-MESSAGE", refused.reply, None)
             return refused.reply
-        # Checked and counted together, with no await between, so parallel
-        # sessions from one client cannot all slip under the limit.
-        verdict = self.services.rate_limiter.check(
+        # Checked and counted in one step (no await between on one node, one
+        # Lua script with [cluster] redis), so parallel sessions from one
+        # client cannot all slip under the limit.
+        verdict = await self.services.rate_limiter.acheck(
             time.time(),
             self.client.ip,
             self.user,
