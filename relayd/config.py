@@ -1431,8 +1431,10 @@ def _ip_address(value: object) -> str:
 def _read_doctor(loader: _Loader) -> DoctorConfig:
     section = loader.section("doctor")
     section.check_unknown()
-    addresses = section.get("addresses", _array(_ip_address, '["192.0.2.25"]'), ())
-    dnsbl = section.get("dnsbl", _array(_domain, '["zen.spamhaus.org"]'), DEFAULT_DNSBL)
+    none: tuple[str, ...] = ()
+    addresses = section.get("addresses", _array(_ip_address, '["192.0.2.25"]'), none)
+    default: tuple[str, ...] = DEFAULT_DNSBL
+    dnsbl = section.get("dnsbl", _array(_domain, '["zen.spamhaus.org"]'), default)
     return DoctorConfig(
         addresses=tuple(dict.fromkeys(addresses)), dnsbl=tuple(dict.fromkeys(dnsbl))
     )
