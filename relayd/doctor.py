@@ -688,14 +688,44 @@ def run(config: Config, named: Sequence[str] = (), now: datetime | None = None) 
             Check(hostname, "ptr", "fail", f"no address to check: {why}; set [doctor] addresses")
         )
     for address in addresses:
+        if is_local(address):
+            checks.append(_local_address(hostname, "ptr", address))
+            continue
         ptr = ask.ptr(address)
         forward = host_addresses if hostname in ptr_names(ptr) else None
         checks.append(check_ptr(hostname, address, ptr, forward))
     checks.append(check_certificate(hostname, config.tls.cert, now))
     for address in addresses:
+        if is_local(address):
+            checks.append(_local_address(hostname, "dnsbl", address))
+            continue
         answers = {zone: ask.a(dnsbl_name(address, zone)) for zone in config.doctor.dnsbl}
         checks.append(check_dnsbl(hostname, address, answers))
     return checks
+
+
+# Addresses no receiver ever sees mail from: loopback, link-local, RFC 1918,
+# shared address space (carrier NAT) and IPv6 unique local.
+_LOCAL_NETWORKS = tuple(
+    ipaddress.ip_network(n)
+    for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
+)
+
+
+def is_local(address: str) -> bool:
+    """An address of this host that no other mail server sees (behind NAT, or loopback)."""
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or ip.is_link_local or any(ip in n for n in _LOCAL_NETWORKS)
+
+
+def _local_address(host: str, check: str, address: str) -> Check:
+    return Check(
+        host,
+        check,
+        "warn",
+        f"{address} is a private address, not the one receivers see: set [doctor] addresses "
+        "to this host's public addresses",
+    )
 
 
 def ptr_names(ptr: Lookup) -> list[str]:
@@ -716,6 +746,7 @@ __all__ = [
     "check_spf",
     "check_sts_and_rpt",
     "dnsbl_name",
+    "is_local",
     "plan",
     "report_json",
     "report_lines",

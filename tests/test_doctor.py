@@ -362,3 +362,16 @@ def test_a_long_dkim_record_is_cut_into_strings() -> None:
     check = doctor.check_dkim(DOMAIN, "s1", "v=DKIM1; k=rsa; p=" + "A" * 400, None, doctor.Lookup())
     assert check.record is not None
     assert check.record.count('"') == 4  # two character-strings
+
+
+def test_a_private_address_is_not_looked_up_but_named(site: Site) -> None:
+    site.dns.remove(HOST, "A")
+    site.dns.add(f"{HOST} A 10.1.2.3")
+    code, report = site.report(addresses=False)
+    checks = by_check(report)
+    assert checks["ptr"]["status"] == checks["dnsbl"]["status"] == "warn"
+    assert "[doctor] addresses" in checks["ptr"]["detail"]
+    assert checks["spf"]["status"] == "fail"  # the SPF record names the public address only
+    assert code == 1
+    assert doctor.is_local("127.0.0.1") and doctor.is_local("fd00::1")
+    assert not doctor.is_local(ADDRESS) and not doctor.is_local("2001:db8::25")
