@@ -519,8 +519,11 @@ def dnsbl_name(address: str, zone: str) -> str:
     return f"{base}.{zone.rstrip('.')}"
 
 
-def check_dnsbl(host: str, address: str, answers: dict[str, Lookup]) -> Check:
-    """``answers``: for each zone, the A records of the address's name there.
+def check_dnsbl(
+    host: str, address: str, answers: dict[str, Lookup], reasons: dict[str, Lookup] | None = None
+) -> Check:
+    """``answers``: for each zone, the A records of the address's name there;
+    ``reasons``: the TXT records there, which say why (and where to ask for removal).
 
     An answer in 127.0.0.0/8 means listed, except 127.255.255.x, which the
     Spamhaus lists give when they refuse the query (a public resolver).
@@ -533,7 +536,8 @@ def check_dnsbl(host: str, address: str, answers: dict[str, Lookup]) -> Check:
         elif any(c.startswith("127.255.255.") for c in codes):
             refused.append(zone)
         elif codes:
-            listed.append(f"{zone} ({', '.join(codes)})")
+            why = (reasons or {}).get(zone, Lookup()).values
+            listed.append(f"{zone} ({', '.join(codes)}{': ' + why[0][:200] if why else ''})")
         else:
             clean.append(zone)
     if listed:
@@ -699,8 +703,14 @@ def run(config: Config, named: Sequence[str] = (), now: datetime | None = None) 
         if is_local(address):
             checks.append(_local_address(hostname, "dnsbl", address))
             continue
-        answers = {zone: ask.a(dnsbl_name(address, zone)) for zone in config.doctor.dnsbl}
-        checks.append(check_dnsbl(hostname, address, answers))
+        names = {zone: dnsbl_name(address, zone) for zone in config.doctor.dnsbl}
+        answers = {zone: ask.a(name) for zone, name in names.items()}
+        reasons = {
+            zone: ask.txt(names[zone])
+            for zone, found in answers.items()
+            if any(a.startswith("127.") for a in found.values)
+        }
+        checks.append(check_dnsbl(hostname, address, answers, reasons))
     return checks
 
 

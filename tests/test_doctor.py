@@ -375,3 +375,11 @@ def test_a_private_address_is_not_looked_up_but_named(site: Site) -> None:
     assert code == 1
     assert doctor.is_local("127.0.0.1") and doctor.is_local("fd00::1")
     assert not doctor.is_local(ADDRESS) and not doctor.is_local("2001:db8::25")
+
+
+def test_a_listing_says_why_when_the_list_does(site: Site) -> None:
+    _listed(site)
+    site.dns.add(f'25.2.0.192.{BLOCKLIST} TXT "Listed: see https://bl.example.test/q/192.0.2.25"')
+    _, report = site.report()
+    detail = by_check(report)["dnsbl"]["detail"]
+    assert f"{BLOCKLIST} (127.0.0.2: Listed: see https://bl.example.test/q/192.0.2.25)" in detail
