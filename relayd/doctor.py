@@ -454,6 +454,13 @@ def check_ptr(hostname: str, address: str, ptr: Lookup, forward: Lookup | None) 
     return Check(host, "ptr", "ok", f"{address} -> {host} -> {address}")
 
 
+def _os_error(exc: OSError) -> str:
+    text = str(exc.strerror or exc)
+    if isinstance(exc, PermissionError):
+        text += " (run relayctl doctor as root or as the user relayd runs as)"
+    return text
+
+
 def _name_matches(pattern: str, host: str) -> bool:
     pattern, host = pattern.lower().rstrip("."), host.lower().rstrip(".")
     if pattern.startswith("*."):
@@ -478,7 +485,7 @@ def check_certificate(hostname: str, path: Path | None, now: datetime | None = N
     try:
         certificate = x509.load_pem_x509_certificates(path.read_bytes())[0]
     except OSError as exc:
-        return Check(host, "tls", "fail", f"{path}: {exc.strerror or exc}")
+        return Check(host, "tls", "fail", f"{path}: {_os_error(exc)}")
     except ValueError:
         return Check(host, "tls", "fail", f"{path}: no PEM certificate in it")
     try:
@@ -674,7 +681,7 @@ def run(config: Config, named: Sequence[str] = (), now: datetime | None = None) 
             try:
                 expected, error = dkim.public_value(key.key_file), None
             except OSError as exc:
-                expected, error = None, f"{key.key_file}: {exc.strerror or exc}"
+                expected, error = None, f"{key.key_file}: {_os_error(exc)}"
             except ValueError as exc:
                 expected, error = None, f"{key.key_file}: not a usable key: {exc}"
             name = f"{key.selector}._domainkey.{domain}"

@@ -383,3 +383,23 @@ def test_a_listing_says_why_when_the_list_does(site: Site) -> None:
     _, report = site.report()
     detail = by_check(report)["dnsbl"]["detail"]
     assert f"{BLOCKLIST} (127.0.0.2: Listed: see https://bl.example.test/q/192.0.2.25)" in detail
+
+
+def test_a_null_mx_is_right_for_a_domain_that_only_sends() -> None:
+    null = doctor.Lookup(("0 .",))
+    assert doctor.check_mx(DOMAIN, HOST, False, null, lambda _: True).status == "ok"
+    assert doctor.check_mx(DOMAIN, HOST, True, null, lambda _: True).status == "fail"
+
+
+def test_an_mx_host_without_an_address_fails() -> None:
+    mx = doctor.Lookup(("10 gone.example.test",))
+    check = doctor.check_mx(DOMAIN, HOST, False, mx, lambda _: False)
+    assert check.status == "fail" and "gone.example.test has no address" in check.detail
+
+
+def test_an_unreadable_key_file_fails_the_dkim_check(site: Site) -> None:
+    site.key.unlink()
+    code, report = site.report()
+    assert code == 1
+    assert by_check(report)["dkim"]["status"] == "fail"
+    assert str(site.key) in by_check(report)["dkim"]["detail"]
