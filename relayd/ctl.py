@@ -755,7 +755,12 @@ def build_parser() -> argparse.ArgumentParser:
     doc = sub.add_parser(
         "doctor", parents=[common], help="check DNS, certificate and blocklists (no daemon needed)"
     )
-    doc.add_argument("domains", nargs="*", metavar="DOMAIN", help="default: signed and served ones")
+    doc.add_argument(
+        "domains",
+        nargs="*",
+        metavar="DOMAIN",
+        help="domains to check (default: those relayd signs for or serves)",
+    )
     return p
 
 
