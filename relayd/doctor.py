@@ -26,7 +26,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -699,17 +699,11 @@ def run(config: Config, named: Sequence[str] = (), now: datetime | None = None) 
             Check(hostname, "ptr", "fail", f"no address to check: {why}; set [doctor] addresses")
         )
     for address in addresses:
-        if is_local(address):
-            checks.append(_local_address(hostname, "ptr", address))
-            continue
         ptr = ask.ptr(address)
         forward = host_addresses if hostname in ptr_names(ptr) else None
-        checks.append(check_ptr(hostname, address, ptr, forward))
+        checks.append(_noted(check_ptr(hostname, address, ptr, forward), address))
     checks.append(check_certificate(hostname, config.tls.cert, now))
     for address in addresses:
-        if is_local(address):
-            checks.append(_local_address(hostname, "dnsbl", address))
-            continue
         names = {zone: dnsbl_name(address, zone) for zone in config.doctor.dnsbl}
         answers = {zone: ask.a(name) for zone, name in names.items()}
         reasons = {
@@ -717,7 +711,7 @@ def run(config: Config, named: Sequence[str] = (), now: datetime | None = None) 
             for zone, found in answers.items()
             if any(a.startswith("127.") for a in found.values)
         }
-        checks.append(check_dnsbl(hostname, address, answers, reasons))
+        checks.append(_noted(check_dnsbl(hostname, address, answers, reasons), address))
     return checks
 
 
@@ -735,14 +729,15 @@ def is_local(address: str) -> bool:
     return ip.is_loopback or ip.is_link_local or any(ip in n for n in _LOCAL_NETWORKS)
 
 
-def _local_address(host: str, check: str, address: str) -> Check:
-    return Check(
-        host,
-        check,
-        "warn",
-        f"{address} is a private address, not the one receivers see: set [doctor] addresses "
-        "to this host's public addresses",
+def _noted(check: Check, address: str) -> Check:
+    """``check`` with a note when ``address`` is one receivers never see."""
+    if not is_local(address):
+        return check
+    note = (
+        f" (note: {address} is a private address, not the one receivers see; behind NAT, "
+        "set [doctor] addresses to the public one)"
     )
+    return replace(check, detail=check.detail + note)
 
 
 def ptr_names(ptr: Lookup) -> list[str]:

@@ -364,13 +364,14 @@ def test_a_long_dkim_record_is_cut_into_strings() -> None:
     assert check.record.count('"') == 4  # two character-strings
 
 
-def test_a_private_address_is_not_looked_up_but_named(site: Site) -> None:
+def test_a_private_address_is_checked_and_named_as_such(site: Site) -> None:
     site.dns.remove(HOST, "A")
-    site.dns.add(f"{HOST} A 10.1.2.3")
+    site.dns.add(f"{HOST} A 10.1.2.3", f"10.1.2.3 PTR {HOST}")
     code, report = site.report(addresses=False)
     checks = by_check(report)
-    assert checks["ptr"]["status"] == checks["dnsbl"]["status"] == "warn"
-    assert "[doctor] addresses" in checks["ptr"]["detail"]
+    assert checks["ptr"]["status"] == checks["dnsbl"]["status"] == "ok"
+    assert "private address" in checks["ptr"]["detail"]
+    assert "[doctor] addresses" in checks["dnsbl"]["detail"]
     assert checks["spf"]["status"] == "fail"  # the SPF record names the public address only
     assert code == 1
     assert doctor.is_local("127.0.0.1") and doctor.is_local("fd00::1")
@@ -403,3 +404,18 @@ def test_an_unreadable_key_file_fails_the_dkim_check(site: Site) -> None:
     assert code == 1
     assert by_check(report)["dkim"]["status"] == "fail"
     assert str(site.key) in by_check(report)["dkim"]["detail"]
+
+
+def test_a_loopback_address_is_still_looked_up(site: Site) -> None:
+    """A test bed (or a host whose name resolves to loopback) gets real answers, not guesses."""
+    site.dns.remove(HOST, "A")
+    site.dns.add(
+        f"{HOST} A 127.0.0.2",
+        "127.0.0.2 PTR elsewhere.example.test",
+        f"2.0.0.127.{BLOCKLIST} A 127.0.0.2",
+    )
+    code, report = site.report(addresses=False)
+    checks = by_check(report)
+    assert checks["ptr"]["status"] == checks["dnsbl"]["status"] == "fail"
+    assert checks["ptr"]["record"] == f"2.0.0.127.in-addr.arpa. IN PTR {HOST}."
+    assert code == 1
