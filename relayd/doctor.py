@@ -347,7 +347,17 @@ def check_sts_and_rpt(domain: str, sts: Lookup, rpt: Lookup) -> list[Check]:
         )
     elif sts_records:
         sts_id = _tags(sts_records[0]).get("id", "")
-        if _STS_ID.fullmatch(sts_id):
+        if _STS_ID.fullmatch(sts_id) and not rpt.failed and not rpt_records:
+            out.append(
+                Check(
+                    domain,
+                    "mta-sts",
+                    "warn",
+                    f"{sts_name} id={sts_id}, but no TLS-RPT record at {rpt_name}",
+                    rpt_suggest,
+                )
+            )
+        elif _STS_ID.fullmatch(sts_id):
             out.append(Check(domain, "mta-sts", "ok", f"{sts_name} id={sts_id}"))
         else:
             out.append(
