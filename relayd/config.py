@@ -217,6 +217,17 @@ class DNSConfig:
     dnssec: DNSSEC = "off"
 
 
+# SPEC §10: the blocklists `relayctl doctor` asks when [doctor] dnsbl is absent.
+DEFAULT_DNSBL: Final = ("zen.spamhaus.org", "bl.spamcop.net", "b.barracudacentral.org")
+
+
+@dataclass(frozen=True)
+class DoctorConfig:
+    # This host's public addresses (SPF, PTR, blocklists); empty: those of hostname.
+    addresses: tuple[str, ...] = ()
+    dnsbl: tuple[str, ...] = DEFAULT_DNSBL
+
+
 @dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
@@ -270,6 +281,7 @@ class Config:
     dmarc: DMARCConfig = field(default_factory=DMARCConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     dns: DNSConfig = field(default_factory=DNSConfig)
+    doctor: DoctorConfig = field(default_factory=DoctorConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
@@ -325,6 +337,7 @@ SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
     ),
     "[[route]]": ("domain", "via", "username", "password_file", "tls", "tls_verify", "ca_file"),
     "[dns]": ("nameservers", "timeout", "dnssec"),
+    "[doctor]": ("addresses", "dnsbl"),
     "[control]": ("socket", "group"),
     "[local]": ("socket",),
     "[logging]": ("level", "target"),
@@ -350,6 +363,7 @@ _SECTIONS: Final[Mapping[str, Literal["table", "array"]]] = {
     "delivery": "table",
     "route": "array",
     "dns": "table",
+    "doctor": "table",
     "control": "table",
     "local": "table",
     "logging": "table",
@@ -1430,6 +1444,26 @@ def _read_dns(loader: _Loader) -> DNSConfig:
     )
 
 
+def _ip_address(value: object) -> str:
+    text = _string(value).strip()
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise _Bad(f'expected an IP address like "192.0.2.25", got {_show(value)}') from None
+
+
+def _read_doctor(loader: _Loader) -> DoctorConfig:
+    section = loader.section("doctor")
+    section.check_unknown()
+    none: tuple[str, ...] = ()
+    addresses = section.get("addresses", _array(_ip_address, '["192.0.2.25"]'), none)
+    default: tuple[str, ...] = DEFAULT_DNSBL
+    dnsbl = section.get("dnsbl", _array(_domain, '["zen.spamhaus.org"]'), default)
+    return DoctorConfig(
+        addresses=tuple(dict.fromkeys(addresses)), dnsbl=tuple(dict.fromkeys(dnsbl))
+    )
+
+
 def _read_control(loader: _Loader) -> ControlConfig:
     section = loader.section("control")
     section.check_unknown()
@@ -1579,6 +1613,7 @@ def _build(loader: _Loader) -> Config:
         delivery=_read_delivery(loader),
         routes=_read_routes(loader),
         dns=_read_dns(loader),
+        doctor=_read_doctor(loader),
         control=_read_control(loader),
         local=_read_local(loader),
         logging=_read_logging(loader),

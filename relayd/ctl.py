@@ -697,6 +697,22 @@ def cmd_dkim_keygen(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def cmd_doctor(args: argparse.Namespace, config: Config) -> int:
+    from relayd import doctor
+
+    if not doctor.plan(config, args.domains).domains:
+        raise UsageError(
+            "no domain to check: name one (relayctl doctor example.com), or configure "
+            "[relay] domains or [[dkim.key]]"
+        )
+    checks = doctor.run(config, args.domains)
+    if args.json:
+        print(json.dumps(doctor.report_json(checks)))
+    else:
+        print("\n".join(doctor.report_lines(checks)))
+    return EXIT_OK if all(c.status != "fail" for c in checks) else EXIT_FAILED
+
+
 # ---- argument parsing ---------------------------------------------------------------
 
 
@@ -736,6 +752,15 @@ def build_parser() -> argparse.ArgumentParser:
     kg.add_argument("--force", action="store_true", help="overwrite an existing key")
     ctl_admin.add_dkim_parsers(dks, common)
     ctl_admin.add_parsers(sub, common)
+    doc = sub.add_parser(
+        "doctor", parents=[common], help="check DNS, certificate and blocklists (no daemon needed)"
+    )
+    doc.add_argument(
+        "domains",
+        nargs="*",
+        metavar="DOMAIN",
+        help="domains to check (default: those relayd signs for or serves)",
+    )
     return p
 
 
@@ -808,6 +833,8 @@ def dispatch(args: argparse.Namespace, config: Config) -> int:
         return ctl_admin.cmd_delivery(args, config)
     if args.command == "config":
         return ctl_admin.cmd_config(args, config)
+    if args.command == "doctor":
+        return cmd_doctor(args, config)
     if args.dkim_action == "show":
         return ctl_admin.cmd_dkim_show(args, config)
     return cmd_dkim_keygen(args, config)
@@ -823,7 +850,7 @@ def main(argv: list[str] | None = None) -> int:
     args.json = getattr(args, "json", False)
     path = config_path(getattr(args, "config", None))
     try:
-        config, problems = load_ctl_config(path, strict=args.command == "dkim")
+        config, problems = load_ctl_config(path, strict=args.command in ("dkim", "doctor"))
     except ConfigError as exc:
         for line in exc.problems:
             print(_local_problem(line), file=sys.stderr)

@@ -66,6 +66,7 @@ class Daemon:
         self.agent = _agent(config)
         self.scheduler = Scheduler(config, self.spool, self.agent, metrics=self.metrics)
         self.metrics.queue = self.scheduler.counts
+        self.metrics.oldest = self.scheduler.oldest_arrival
         self.metrics_server = MetricsServer(self.metrics.render)
         self.users = UserStore(config.auth.users_file)
         self.rate_limiter, self.auth_guard = cluster.counters(config)

@@ -336,9 +336,14 @@ def record_line(domain: str, selector: str, value: str) -> str:
     return f"{selector}._domainkey.{normalize_domain(domain)}. IN TXT {chunks}"
 
 
+def public_value(path: Path) -> str:
+    """The TXT record text for an existing key file; OSError or ValueError when unusable."""
+    return record_value(_load_private(path.read_bytes()))
+
+
 def public_record(path: Path, domain: str, selector: str) -> str:
     """The record line to publish for an existing key file."""
-    return record_line(domain, selector, record_value(_load_private(path.read_bytes())))
+    return record_line(domain, selector, public_value(path))
 
 
 def _write_private(path: Path, data: bytes, force: bool) -> None:
@@ -408,6 +413,7 @@ __all__ = [
     "keygen",
     "normalize_domain",
     "public_record",
+    "public_value",
     "record_line",
     "record_value",
     "signed_headers",

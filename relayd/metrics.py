@@ -227,7 +227,10 @@ class Metrics:
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.started = clock()
+        self._clock = clock
         self.queue: Callable[[], Mapping[str, int]] = dict
+        # Arrival time of the oldest queued message; None when the queue is empty.
+        self.oldest: Callable[[], float | None] = lambda: None
         self.accepted = Counter(
             "relayd_messages_accepted_total",
             "Messages accepted into the queue, by listener.",
@@ -279,6 +282,12 @@ class Metrics:
             self.deliveries,
             Gauge(
                 "relayd_queue_messages", "Messages queued, by state.", ["state"], self._queue_counts
+            ),
+            Gauge(
+                "relayd_queue_oldest_message_age_seconds",
+                "Age of the oldest queued message, held ones included (0 when the queue is empty).",
+                [],
+                self._oldest_age,
             ),
             self.latency,
             self.tls,
@@ -346,6 +355,10 @@ class Metrics:
 
     def render(self) -> str:
         return "".join(family.render() for family in self._families)
+
+    def _oldest_age(self) -> dict[Labels, float]:
+        arrival = self.oldest()
+        return {(): 0.0 if arrival is None else max(0.0, self._clock() - arrival)}
 
     def _queue_counts(self) -> dict[Labels, float]:
         counts = self.queue()

@@ -303,6 +303,11 @@ class Scheduler:
             counts[state] += 1
         return counts
 
+    def oldest_arrival(self) -> float | None:
+        """When the oldest queued message (held ones too) arrived; None for an empty queue."""
+        arrivals = [e.arrival_time for q, e in self._envelopes.items() if q not in self._deleted]
+        return min(arrivals, default=None)
+
     @property
     def stats(self) -> Stats:
         return Stats(

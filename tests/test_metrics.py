@@ -143,6 +143,9 @@ def test_a_whole_scrape_parses_and_says_what_happened() -> None:
     assert value(s, "relayd_up") == 1
     assert value(s, "relayd_start_time_seconds") == 1_700_000_000
     assert labelled(s, "relayd_queue_messages") == {"active": 2, "deferred": 5, "held": 0}
+    assert value(s, "relayd_queue_oldest_message_age_seconds") == 0  # not told of any
+    m.oldest = lambda: 1_700_000_000.0 - 90
+    assert value(parse(m.render()), "relayd_queue_oldest_message_age_seconds") == 90
     assert labelled(s, "relayd_messages_accepted_total") == {"submission": 1}
     assert value(s, "relayd_messages_rejected_total", reason="relay_denied") == 1
     assert value(s, "relayd_messages_rejected_total", reason="spf") == 0  # known, zero
@@ -392,6 +395,7 @@ def test_relayd_counts_what_happened(relayd: Relayd, mx_pool: MXPool) -> None:
     assert labelled(s, "relayd_deliveries_total") == {"sent": 1, "deferred": 1, "bounced": 0}
     # The relay.test message waits for its retry; the delivered one is gone.
     assert labelled(s, "relayd_queue_messages") == {"active": 0, "deferred": 1, "held": 0}
+    assert 0 < value(s, "relayd_queue_oldest_message_age_seconds") < time.time() - started + 1
     assert value(s, "relayd_delivery_duration_seconds_count", status="sent") == 1
     assert 0 < value(s, "relayd_delivery_duration_seconds_sum", status="sent") < 30
     buckets = labelled(s, "relayd_delivery_duration_seconds_bucket", status="sent")
