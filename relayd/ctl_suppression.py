@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sqlite3
+import sys
 import time
 from typing import Any
 
@@ -19,6 +20,13 @@ from relayd.suppression import DB_NAME, SuppressionList, key, owned_like_spool, 
 
 EXIT_OK = 0
 EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class _Failed(Exception):
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -34,25 +42,31 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_suppression(args: argparse.Namespace, config: Config) -> int:
-    from relayd.ctl import Failed, UsageError
+    try:
+        return _run(args, config)
+    except _Failed as exc:
+        print(f"relayctl: {exc}", file=sys.stderr)
+        return exc.code
 
+
+def _run(args: argparse.Namespace, config: Config) -> int:
     action = args.suppression_action or "list"
     spool = config.spool.path
     if not spool.is_dir():
-        raise Failed(f"no spool directory {spool}")
+        raise _Failed(f"no spool directory {spool}")
     path = spool / DB_NAME
     now = time.time()
     try:
         store = SuppressionList(path)
     except sqlite3.Error as exc:
-        raise Failed(f"cannot open {path}: {exc}") from None
+        raise _Failed(f"cannot open {path}: {exc}") from None
     try:
         if action == "list":
             _print(store.entries(now), args.json)
             return EXIT_OK
         address = key(args.address)
         if "@" not in address or any(c.isspace() or c in "<>" for c in address):
-            raise UsageError(f"{args.address!r} is not an address like user@example.com")
+            raise _Failed(f"{args.address!r} is not an address like user@example.com", EXIT_USAGE)
         if action == "add":
             store.add(address, now, config.suppression.expire, source="operator")
             entry = store.lookup(address, now)
@@ -66,12 +80,12 @@ def cmd_suppression(args: argparse.Namespace, config: Config) -> int:
         if args.json:
             print(json.dumps({"ok": removed, "address": address}))
         if not removed:
-            raise Failed(f"<{address}> is not suppressed")
+            raise _Failed(f"<{address}> is not suppressed")
         if not args.json:
             print(f"relayctl: <{address}> removed from the suppression list")
         return EXIT_OK
     except sqlite3.Error as exc:
-        raise Failed(f"{path}: {exc}") from None
+        raise _Failed(f"{path}: {exc}") from None
     finally:
         store.close()
         owned_like_spool(path)

@@ -88,11 +88,9 @@ def when_text(stamp: float) -> str:
     return datetime.fromtimestamp(stamp, UTC).strftime("%Y-%m-%d")
 
 
-def refusal(entry: Entry) -> str:
-    """The RCPT reply for a suppressed address."""
-    return (
-        f"550 5.1.1 <{entry.address}>: suppressed after a hard bounce on {when_text(entry.since)}"
-    )
+def refusal(address: str, entry: Entry) -> str:
+    """The RCPT reply for a suppressed address, named as the client wrote it."""
+    return f"550 5.1.1 <{address}>: suppressed after a hard bounce on {when_text(entry.since)}"
 
 
 class SuppressionList:
@@ -226,7 +224,7 @@ class Suppression:
         except sqlite3.Error as exc:
             self._failed(exc)
             return None
-        return refusal(entry) if entry is not None else None
+        return refusal(address, entry) if entry is not None else None
 
     def _lookup(self, address: str) -> Entry | None:
         return self._get().lookup(address, time.time())
