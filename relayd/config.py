@@ -1676,6 +1676,7 @@ def _check_daemon_access(report: _Report, config: Config, user: str | None = Non
     for i, route in enumerate(config.routes):
         named += [(("route", i), "password_file", route.password_file)]
         named += [(("route", i), "ca_file", route.ca_file)]
+    named += [(("webhook", i), "secret_file", w.secret_file) for i, w in enumerate(config.webhooks)]
     for table, key, path in named:
         if path is None:
             continue

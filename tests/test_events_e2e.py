@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import re
+import socket
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -288,3 +289,71 @@ def test_hard_bounce_suppresses_submission_only(
     assert [e["address"] for e in json.loads(out.stdout)["suppressed"]] == ["manual@example.org"]
     assert r.ctl("suppression", "del", "manual@example.org").returncode == 0
     assert json.loads(r.ctl("--json", "suppression").stdout) == {"suppressed": []}
+
+
+def test_a_receiver_that_hangs_does_not_slow_delivery(
+    tmp_path: Path, dns_server: DNSServer, mx_pool: MXPool
+) -> None:
+    zone(dns_server)
+    # Accepts connections (the kernel's backlog) and never answers.
+    with socket.socket() as hang:
+        hang.bind(("127.0.0.1", 0))
+        hang.listen(128)
+        url = f"http://127.0.0.1:{hang.getsockname()[1]}/hook"
+        r = make_relayd(tmp_path, dns_server, mx_pool, f'[[webhook]]\nurl = "{url}"\n')
+        with r:
+            r.start()
+            started = time.monotonic()
+            for _ in range(10):
+                inject(r, ["bob@example.org"])
+            mx_pool.wait_for_messages(10, timeout=20)
+            wait_empty(r)
+            elapsed = time.monotonic() - started
+            # Each POST waits 10 s for its answer; mail is not held up by that.
+            print(f"10 messages delivered in {elapsed:.2f}s with a hanging receiver")
+            assert elapsed < 5.0, elapsed
+            assert r.stop() == 0
+
+
+def test_acceptor_processes_share_the_list_and_write_events(
+    tmp_path: Path, dns_server: DNSServer, mx_pool: MXPool, receiver: WebhookReceiver
+) -> None:
+    zone(dns_server)
+    r = make_relayd(
+        tmp_path,
+        dns_server,
+        mx_pool,
+        f'[server]\nprocesses = 3\n[[webhook]]\nurl = "{receiver.url}"\nevents = ["queued"]\n',
+    )
+    r.add_user("app@sender.test", "app-password")
+    with r:
+        r.start()
+        assert r.proc is not None
+        daemon = str(r.proc.pid)
+        deadline = time.monotonic() + 15
+        while len(set(re.findall(r"\[(\d+)\]: listening on \S+ as submission ", r.log()))) < 3:
+            assert time.monotonic() < deadline, r.log()
+            time.sleep(0.1)
+        assert r.ctl("suppression", "add", "gone@example.org").returncode == 0
+        refused = r"\[(\d+)\]: NOQUEUE: reject: RCPT .*: suppressed after a hard bounce"
+        for _ in range(100):  # bounded: until an acceptor (not the daemon) refused one
+            assert submission_rcpt(r, "gone@example.org")[0] == 550
+            if set(re.findall(refused, r.log())) - {daemon}:
+                break
+        assert set(re.findall(refused, r.log())) - {daemon}, "no acceptor refused"
+        qids: dict[str, str] = {}
+        for _ in range(100):  # until an acceptor queued one
+            qid = inject(r, ["bob@example.org"])
+            found = re.search(rf"\[(\d+)\]: {qid}: client=", r.log())
+            assert found is not None
+            qids[qid] = found[1]
+            if len(qids) >= 3 and set(qids.values()) - {daemon}:
+                break
+        assert set(qids.values()) - {daemon}, "no acceptor queued a message"
+        got = receiver.wait_for(lambda got: len(got) >= len(qids), 20)
+        time.sleep(1.5)
+        assert sorted(
+            (e["event"], e["id"]) for e in (g.json() for g in receiver.requests)
+        ) == sorted(("queued", q) for q in qids)
+        assert len(got) == len(qids)
+        assert r.stop() == 0

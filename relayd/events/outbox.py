@@ -94,9 +94,16 @@ class Outbox:
                 "INSERT INTO outbox (url, event, body, created, next_try) VALUES (?, ?, ?, ?, ?)",
                 [(url, kind, body, now, now) for url, kind, body in rows],
             )
+            # Cheap first look: ids span fewer than the bound, so rows do too.
+            low, high = cur.execute("SELECT min(id), max(id) FROM outbox").fetchone()
+            if high - low < self.max_events:
+                return 0
+            (count,) = cur.execute("SELECT count(*) FROM outbox").fetchone()
+            if count <= self.max_events:
+                return 0
             cur.execute(
-                "DELETE FROM outbox WHERE id <= (SELECT max(id) FROM outbox) - ?",
-                (self.max_events,),
+                "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT ?)",
+                (count - self.max_events,),
             )
             return max(0, cur.rowcount)
 
