@@ -92,7 +92,7 @@ def test_outbox_is_bounded_and_drops_the_oldest(tmp_path: Path) -> None:
 def test_outbox_does_not_drop_an_old_row_when_few_are_left(tmp_path: Path) -> None:
     box = Outbox(tmp_path / "events.db", max_events=3)
     box.put([("u", "bounced", b"old")], 0.0)
-    for i in range(10):  # sent and gone: ids grow, the row count does not
+    for _ in range(10):  # sent and gone: ids grow, the row count does not
         box.put([("u", "queued", b"x")], 1.0)
         [row] = [p for p in box.claim(1.0, 10) if p.body == b"x"]
         box.done(row.id)
