@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -177,3 +180,86 @@ def test_config_errors(tmp_path: Path, text: str, problem: str) -> None:
     with pytest.raises(ConfigError) as raised:
         load_config(write(tmp_path, text))
     assert problem in str(raised.value)
+
+
+# ---- the scheduler's outcomes, in order with the spool ------------------------------
+
+
+def test_outcomes_reach_the_outbox_before_the_queue_state(tmp_path: Path) -> None:
+    from test_scheduler import GREYLISTED, UNKNOWN, Clock, FakeAgent, RecordingSpool, until
+
+    from relayd.config import Config, DeliveryConfig, SpoolConfig, Webhook
+    from relayd.events import Outcomes
+    from relayd.scheduler import Scheduler
+    from relayd.spool.model import Envelope, Recipient
+    from relayd.spool.queueid import new_queue_id
+
+    clock = Clock()
+    spool = RecordingSpool(tmp_path / "spool")
+    spool.ensure()
+    cfg = Config(
+        hostname="mail.example.com",
+        spool=SpoolConfig(path=tmp_path / "spool"),
+        delivery=DeliveryConfig(retry=(300.0,), max_age=3600.0, delay_warning=0.0),
+        webhooks=(Webhook(url="http://127.0.0.1:9/"),),
+    )
+    seen: list[list[tuple[str, str]]] = []
+
+    class Ordered(Outcomes):
+        async def settled(self, env: Envelope, *args: Any) -> None:
+            await super().settled(env, *args)
+            seen.append(list(spool.ops))
+
+    agent = FakeAgent(
+        clock, script={"gone@example.org": [UNKNOWN], "grey@example.org": [GREYLISTED]}
+    )
+    scheduler = Scheduler(
+        cfg, spool, agent, clock=clock, outcomes=Ordered(lambda: cfg, clock=clock)
+    )
+    box = Outbox(tmp_path / "spool" / "events.db")
+
+    def events() -> list[tuple[str, str, str | None]]:
+        rows = box.claim(clock.now + 10**6, 100)
+        for row in rows:
+            box.done(row.id)
+        return [(e["event"], e["recipient"], e["dsn"]) for e in (json.loads(r.body) for r in rows)]
+
+    qid = new_queue_id()
+
+    async def scenario() -> None:
+        task = asyncio.create_task(scheduler.run())
+        try:
+            env = Envelope(qid, "app@example.com",
+                           [Recipient(a) for a in ("bob@example.org", "gone@example.org",
+                                                   "grey@example.org")],
+                           arrival_time=clock.now, size=10)  # fmt: skip
+            await spool.commit(env, b"Message-ID: <m1@example.com>\r\n\r\nhi\r\n")
+            scheduler.add(env)
+            await until(lambda: len(seen) == 1)
+            assert ("update", qid) not in seen[0]
+            await until(lambda: ("update", qid) in spool.ops)
+            assert sorted(events()) == [
+                ("bounced", "gone@example.org", "5.1.1"),
+                ("deferred", "grey@example.org", "4.7.1"),
+                ("delivered", "bob@example.org", "2.0.0"),
+                ("suppressed", "gone@example.org", "5.1.1"),
+            ]
+            clock.now += 3700  # past max_age: grey expires, bounces, and is suppressed
+            scheduler.wake()
+            await until(lambda: len(seen) == 2)
+            assert ("remove", qid) not in seen[1]
+            await until(lambda: ("remove", qid) in spool.ops)
+            assert sorted(events()) == [
+                ("bounced", "grey@example.org", "4.4.7"),
+                ("suppressed", "grey@example.org", "4.4.7"),
+            ]
+        finally:
+            await scheduler.stop(1.0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await spool.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 20))
+    found = SuppressionList(tmp_path / "spool" / "suppression.db").entries(time.time())
+    assert sorted(e.address for e in found) == ["gone@example.org", "grey@example.org"]
