@@ -42,6 +42,7 @@ CONCURRENCY = 8
 TIMEOUT = 10.0
 BATCH = 64
 POLL = 1.0  # acceptor processes write events too: look at the outbox this often
+ERROR_PAUSE = 10.0  # after a failure of the outbox itself
 SIGNATURE_HEADER = "Relayd-Signature"
 
 
@@ -101,7 +102,13 @@ class WebhookSender:
         )
         try:
             while True:
-                await self._round()
+                try:
+                    await self._round()
+                except Exception as exc:  # the outbox or the client failed: not the end
+                    event(
+                        "webhook", f"warning: sending events failed: {exc!r}", level=logging.ERROR
+                    )
+                    await asyncio.sleep(ERROR_PAUSE)
         finally:
             await self._client.aclose()
 
@@ -113,7 +120,7 @@ class WebhookSender:
             self._backlog = await POOL.run(outbox.count)
         except Exception as exc:
             event("webhook", f"warning: event outbox unusable: {exc}", level=logging.ERROR)
-            await asyncio.sleep(10)
+            await asyncio.sleep(ERROR_PAUSE)
             return
         if rows:
             hooks = {hook.url: hook for hook in self._config().webhooks}
