@@ -56,6 +56,11 @@ def signature(secret: bytes, body: bytes, timestamp: int) -> str:
     return f"t={timestamp},v1={mac.hexdigest()}"
 
 
+def shown(url: str) -> str:
+    """The URL for the log, without a query that may carry a token."""
+    return url.split("?", 1)[0].split("#", 1)[0]
+
+
 def read_secret(path: Path | None) -> bytes | None:
     if path is None:
         return None
@@ -153,7 +158,7 @@ class WebhookSender:
             return
         event(
             "webhook",
-            f"{hook.url}: {row.event} event not taken ({problem}); try {attempts + 1} "
+            f"{shown(hook.url)}: {row.event} event not taken ({problem}); try {attempts + 1} "
             f"in {retry_after(attempts):.0f}s",
             level=logging.WARNING,
         )
@@ -181,7 +186,7 @@ class WebhookSender:
         self._metrics.webhook_dropped.inc("expired")
         event(
             "webhook",
-            f"warning: {row.url}: {row.event} event dropped after {row.attempts + 1} tries "
+            f"warning: {shown(row.url)}: {row.event} event dropped after {row.attempts + 1} tries "
             f"({problem})",
             level=logging.WARNING,
         )
