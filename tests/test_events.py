@@ -263,3 +263,48 @@ def test_outcomes_reach_the_outbox_before_the_queue_state(tmp_path: Path) -> Non
     asyncio.run(asyncio.wait_for(scenario(), 20))
     found = SuppressionList(tmp_path / "spool" / "suppression.db").entries(time.time())
     assert sorted(e.address for e in found) == ["gone@example.org", "grey@example.org"]
+
+
+def test_sender_retries_then_gives_up_after_three_days(tmp_path: Path) -> None:
+    from support.webhook import WebhookReceiver
+
+    from relayd.config import Config, SpoolConfig, Webhook
+    from relayd.events.webhook import WebhookSender
+    from relayd.metrics import Metrics
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    now = [1_700_000_000.0]
+    metrics = Metrics()
+    with WebhookReceiver() as hook:
+        hook.status = 500
+        cfg = Config(
+            hostname="mail.example.com",
+            spool=SpoolConfig(path=spool),
+            webhooks=(Webhook(url=hook.url),),
+        )
+        box = Outbox(spool / "events.db")
+        box.put([(hook.url, "bounced", b'{"event":"bounced"}')], now[0])
+        sender = WebhookSender(lambda: cfg, metrics, clock=lambda: now[0])
+
+        async def scenario() -> None:
+            task = asyncio.create_task(sender.run())
+            try:
+                await asyncio.to_thread(hook.wait_for, lambda got: len(got) == 1, 10)
+                await asyncio.sleep(0.2)
+                [row] = box.claim(now[0] + 10, 10)  # retried 10 s later, not before
+                assert row.attempts == 1 and box.claim(now[0] + 9.9, 10) == []
+                box.retry(row.id, now[0] + 10, "HTTP 500")  # put it back as it was
+                now[0] += 3 * 86400 - 5
+                sender.wake()
+                await asyncio.to_thread(hook.wait_for, lambda got: len(got) == 2, 10)
+                await asyncio.sleep(0.2)
+                assert box.count() == 0  # the next try would be past three days: dropped
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+        asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert metrics.webhook_failed.values[("bounced",)] == 2
+    assert metrics.webhook_dropped.values[("expired",)] == 1
