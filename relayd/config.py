@@ -263,6 +263,33 @@ class ServerConfig:
     proxy_from: tuple[IPNetwork, ...] = ()
 
 
+EVENT_TYPES: Final[tuple[str, ...]] = (
+    "queued",
+    "delivered",
+    "deferred",
+    "delayed",
+    "bounced",
+    "suppressed",
+)
+
+
+@dataclass(frozen=True)
+class SuppressionConfig:
+    """SPEC §10: addresses that failed permanently, refused at RCPT for a while."""
+
+    enabled: bool = True
+    expire: float = 30 * 86400.0
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """SPEC §10: one receiver of delivery events."""
+
+    url: str
+    events: tuple[str, ...] = EVENT_TYPES
+    secret_file: Path | None = None
+
+
 @dataclass(frozen=True)
 class Config:
     hostname: str
@@ -287,6 +314,8 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
+    webhooks: tuple[Webhook, ...] = ()
     source: Path = DEFAULT_PATH
     warnings: tuple[str, ...] = ()
     # Where each key sits in the source file, so that check_files can point
@@ -345,6 +374,8 @@ SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
     "[api]": ("address", "tls"),
     "[cluster]": ("redis",),
     "[server]": ("processes", "proxy_from"),
+    "[suppression]": ("enabled", "expire"),
+    "[[webhook]]": ("url", "events", "secret_file"),
 }
 
 # Top-level names that open a section, and whether they are one table
@@ -371,6 +402,8 @@ _SECTIONS: Final[Mapping[str, Literal["table", "array"]]] = {
     "api": "table",
     "cluster": "table",
     "server": "table",
+    "suppression": "table",
+    "webhook": "array",
 }
 
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
@@ -1540,6 +1573,51 @@ def _read_api(loader: _Loader) -> ApiConfig:
     )
 
 
+def _read_suppression(loader: _Loader) -> SuppressionConfig:
+    section = loader.section("suppression")
+    section.check_unknown()
+    default = SuppressionConfig()
+    return SuppressionConfig(
+        enabled=section.get("enabled", _boolean, default.enabled),
+        expire=section.get("expire", _duration(False), default.expire),
+    )
+
+
+def _webhook_url(value: object) -> str:
+    text = _string(value).strip()
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme.lower() not in ("http", "https") or not rest or rest[0] in "/?#":
+        raise _Bad(
+            'expected an http:// or https:// URL like "https://app.example.com/hooks/mail", '
+            f"got {_show(value)}"
+        )
+    if any(c.isspace() for c in text):
+        raise _Bad(f"a URL cannot contain white space, got {_show(value)}")
+    return text
+
+
+def _read_webhooks(loader: _Loader) -> tuple[Webhook, ...]:
+    hooks: list[Webhook] = []
+    seen: dict[str, int] = {}
+    for section in loader.array("webhook"):
+        section.check_unknown()
+        url = section.require("url", _webhook_url, '"https://app.example.com/hooks/mail"')
+        events = section.get(
+            "events", _array(_choice(EVENT_TYPES), '["bounced", "suppressed"]'), EVENT_TYPES
+        )
+        secret_file = section.get("secret_file", loader.path(), None)
+        if url is None:
+            continue
+        first = seen.setdefault(url, section.line())
+        if first != section.line():
+            section.error(
+                "url", f"another [[webhook]] (line {first}) already has this url; keep one"
+            )
+            continue
+        hooks.append(Webhook(url=url, events=tuple(dict.fromkeys(events)), secret_file=secret_file))
+    return tuple(hooks)
+
+
 # ---------------------------------------------------------------------------
 # Loading.
 
@@ -1621,6 +1699,8 @@ def _build(loader: _Loader) -> Config:
         api=_read_api(loader),
         cluster=_read_cluster(loader),
         server=_read_server(loader),
+        suppression=_read_suppression(loader),
+        webhooks=_read_webhooks(loader),
         source=loader.report.source,
         lines=loader.report.lines,
     )
@@ -1661,6 +1741,13 @@ def check_files(config: Config) -> tuple[list[str], list[str]]:
     for index, route in enumerate(config.routes):
         _check_route_files(report, ("route", index), route)
     _check_ca_file(report, ("delivery",), config.delivery.ca_file)
+    for index, hook in enumerate(config.webhooks):
+        if hook.secret_file is not None:
+            secret = _read_named_file(report, ("webhook", index), "secret_file", hook.secret_file)
+            if secret is not None and not secret.strip():
+                report.error(
+                    ("webhook", index), "secret_file", f"{_quote(hook.secret_file)} is empty"
+                )
     _check_control_group(report, config.control.group)
     _check_daemon_access(report, config)
     return report.error_lines(), report.warning_lines()
@@ -1683,6 +1770,7 @@ def _check_daemon_access(report: _Report, config: Config, user: str | None = Non
     for i, route in enumerate(config.routes):
         named += [(("route", i), "password_file", route.password_file)]
         named += [(("route", i), "ca_file", route.ca_file)]
+    named += [(("webhook", i), "secret_file", w.secret_file) for i, w in enumerate(config.webhooks)]
     for table, key, path in named:
         if path is None:
             continue

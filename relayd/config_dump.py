@@ -18,7 +18,12 @@ from relayd.config import SCHEMA, Config, HostPort
 from relayd.units import Rate
 
 _SIZES = frozenset({"max_message_size", "min_free_space"})
-_ARRAYS = {"[[listener]]": "listeners", "[[route]]": "routes", "[[dkim.key]]": "dkim.keys"}
+_ARRAYS = {
+    "[[listener]]": "listeners",
+    "[[route]]": "routes",
+    "[[dkim.key]]": "dkim.keys",
+    "[[webhook]]": "webhooks",
+}
 
 
 def dump(config: Config) -> str:

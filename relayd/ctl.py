@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from relayd import __version__, ctl_admin
+from relayd import __version__, ctl_admin, ctl_suppression
 from relayd.cli import config_path
 from relayd.config import (
     AuthConfig,
@@ -463,8 +463,11 @@ def cmd_queue_change(args: argparse.Namespace, config: Config) -> int:
             raise Failed(str(reply.get("error") or f"{action} failed"))
         done = int(reply.get("done") or 0)
         plural = "s" if done != 1 else ""
-        print(json.dumps(reply) if args.json else f"relayd: {done} message{plural} for {domain} "
-              f"{_DONE[action]}")
+        print(
+            json.dumps(reply)
+            if args.json
+            else f"relayd: {done} message{plural} for {domain} {_DONE[action]}"
+        )
         return EXIT_OK
     if not ids and not everything:
         if from_stdin:
@@ -761,6 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DOMAIN",
         help="domains to check (default: those relayd signs for or serves)",
     )
+    ctl_suppression.add_parsers(sub, common)
     return p
 
 
@@ -835,6 +839,8 @@ def dispatch(args: argparse.Namespace, config: Config) -> int:
         return ctl_admin.cmd_config(args, config)
     if args.command == "doctor":
         return cmd_doctor(args, config)
+    if args.command == "suppression":
+        return ctl_suppression.cmd_suppression(args, config)
     if args.dkim_action == "show":
         return ctl_admin.cmd_dkim_show(args, config)
     return cmd_dkim_keygen(args, config)

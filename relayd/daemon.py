@@ -31,6 +31,8 @@ from relayd.control.server import ControlServer
 from relayd.delivery.agent import DeliveryAgent
 from relayd.delivery.router import Router
 from relayd.delivery.verify import RecipientProber
+from relayd.events import Outcomes
+from relayd.events.webhook import WebhookSender
 from relayd.local.server import LocalSubmission
 from relayd.metrics import Metrics, MetricsServer
 from relayd.policy import ratelimit, sender
@@ -64,7 +66,11 @@ class Daemon:
         self.metrics = Metrics()
         self.spool = Spool(config.spool.path)
         self.agent = _agent(config)
-        self.scheduler = Scheduler(config, self.spool, self.agent, metrics=self.metrics)
+        self.webhooks = WebhookSender(lambda: self.config, self.metrics)
+        self.outcomes = Outcomes(lambda: self.config, self.metrics, written=self.webhooks.wake)
+        self.scheduler = Scheduler(
+            config, self.spool, self.agent, metrics=self.metrics, outcomes=self.outcomes
+        )
         self.metrics.queue = self.scheduler.counts
         self.metrics.oldest = self.scheduler.oldest_arrival
         self.metrics_server = MetricsServer(self.metrics.render)
@@ -107,6 +113,7 @@ class Daemon:
             spill_dir=self.spool.tmp_dir,
             metrics=self.metrics,
             prober=self.prober,
+            outcomes=self.outcomes,
         )
 
     async def _enqueue(self, envelope: Envelope, message: bytes, tail: Tail | None) -> None:
@@ -164,6 +171,7 @@ class Daemon:
             asyncio.create_task(self.scheduler.run(), name="scheduler"),
             asyncio.create_task(systemd.watchdog_task(), name="watchdog"),
             asyncio.create_task(self._report_status(), name="status"),
+            asyncio.create_task(self.webhooks.run(), name="webhooks"),
         ]
         systemd.ready(self.status_line())
         log.event(
@@ -315,6 +323,7 @@ def build_services(
     spill_dir: str,
     metrics: Metrics,
     prober: RecipientProber | None = None,
+    outcomes: Outcomes | None = None,
 ) -> Services:
     """The snapshot sessions run on; the daemon and acceptor processes build it alike.
 
@@ -325,6 +334,8 @@ def build_services(
     if config.tls.cert is not None and config.tls.key is not None:
         tls = server_tls_context(str(config.tls.cert), str(config.tls.key))
     signer = dkim.Signer(config.dkim.keys)
+    # Events and suppression (SPEC §10); an acceptor process has its own.
+    apps = outcomes or Outcomes(lambda: config, metrics)
 
     def sender_verdict(user: str, address: str) -> Verdict:
         return sender.login_sender_verdict(users.current(), user, address)
@@ -336,8 +347,9 @@ def build_services(
         connections=connections,
         auth_guard=auth_guard,
         rate_limiter=rate_limiter,
-        enqueue=enqueue,
+        enqueue=apps.wrap_enqueue(enqueue),
         sender_verdict=sender_verdict,
+        suppressed=apps.refusal,
         sign=lambda header, content: _sign(signer, header, content),
         checks=InboundChecks(config),
         recipients=_recipient_checks(config, prober),

@@ -110,8 +110,12 @@ def self_signed(cert_path: Path, key_path: Path, hostname: str) -> None:
 
 def ports(base: int) -> dict[str, int]:
     """The dev ports from a base: 2500 gives 2525, 2587, 2465 and 2526 (outbound)."""
-    return {"inbound": base + 25, "submission": base + 87, "submissions": base - 35,
-            "outbound": base + 26}
+    return {
+        "inbound": base + 25,
+        "submission": base + 87,
+        "submissions": base - 35,
+        "outbound": base + 26,
+    }
 
 
 def setup(root: Path, base: int = DEFAULT_PORT_BASE) -> str:

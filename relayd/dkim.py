@@ -250,9 +250,7 @@ class _HeaderSigner(dkim.DKIM):  # type: ignore[misc]
     dkimpy's own ``gen_header``, so only the body handling differs.
     """
 
-    def sign_with_bodyhash(
-        self, key: _LoadedKey, include: list[bytes], bodyhash: bytes
-    ) -> bytes:
+    def sign_with_bodyhash(self, key: _LoadedKey, include: list[bytes], bodyhash: bytes) -> bytes:
         self.signature_algorithm = key.algorithm
         self.hasher = dkim.HASH_ALGORITHMS[key.algorithm]
         policy = dkim.CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")

@@ -139,9 +139,12 @@ def setup(level: str = "info", target: str = "auto") -> None:
     if missing_journal:
         from relayd import systemd
 
-        event("master", f"warning: [logging] target = \"journald\" but "
-              f"{systemd.journal_unavailable_reason()}; logging to stderr",
-              level=logging.WARNING)
+        event(
+            "master",
+            f'warning: [logging] target = "journald" but '
+            f"{systemd.journal_unavailable_reason()}; logging to stderr",
+            level=logging.WARNING,
+        )
 
 
 _foreign_handler: logging.Handler | None = None

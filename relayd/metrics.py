@@ -66,6 +66,7 @@ _REASONS: Final[Mapping[tuple[str, str], str]] = {
 _BY_TEXT: Final[Mapping[str, tuple[str, str]]] = {
     "authentication": ("421", "auth_throttled"),
     "bare cr or lf": ("554", "bare_newline"),
+    "suppressed after a hard bounce": ("550", "suppressed"),
 }
 REJECT_REASONS: Final = (
     *dict.fromkeys(_REASONS.values()),
@@ -269,6 +270,25 @@ class Metrics:
             "the next hop's certificate was verified (yes, no).",
             ["tls_policy", "verified", "status"],
         )
+        # Webhooks (relayd.events): events waiting in the outbox, and send results.
+        self.webhook_backlog: Callable[[], int] = lambda: 0
+        self.webhook_sent = Counter(
+            "relayd_webhook_events_sent_total",
+            "Events a webhook receiver took (2xx), by event.",
+            ["event"],
+        )
+        self.webhook_failed = Counter(
+            "relayd_webhook_events_failed_total",
+            "Event sends that failed (error, timeout or non-2xx; retried), by event.",
+            ["event"],
+        )
+        self.webhook_dropped = Counter(
+            "relayd_webhook_events_dropped_total",
+            "Events given up: expired (3 days of retries), full (outbox bound), "
+            "unwritable (outbox write failed).",
+            ["reason"],
+            known=[("expired",), ("full",), ("unwritable",)],
+        )
         self._families: tuple[Counter | Gauge | Histogram, ...] = (
             Gauge("relayd_up", "1 while relayd is running.", [], lambda: {(): 1.0}),
             Gauge(
@@ -292,6 +312,15 @@ class Metrics:
             self.latency,
             self.tls,
             self.tls_policy,
+            Gauge(
+                "relayd_webhook_backlog",
+                "Events in the webhook outbox, not yet taken by their receiver.",
+                [],
+                lambda: {(): float(self.webhook_backlog())},
+            ),
+            self.webhook_sent,
+            self.webhook_failed,
+            self.webhook_dropped,
         )
 
     # ---- counting (hot path) ------------------------------------------------

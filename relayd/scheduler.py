@@ -77,6 +77,19 @@ class SpoolLike(Protocol):
     def read_data(self, queue_id: str) -> bytes: ...
 
 
+class OutcomesLike(Protocol):
+    """What the scheduler tells relayd.events.Outcomes (webhook events, suppression)."""
+
+    async def settled(
+        self,
+        env: Envelope,
+        attempted: list[str],
+        expired: list[Recipient],
+        delayed: list[Recipient],
+        data: bytes,
+    ) -> None: ...
+
+
 class AgentLike(Protocol):
     """What the scheduler needs of relayd.delivery.agent.DeliveryAgent."""
 
@@ -118,8 +131,10 @@ class Scheduler:
         new_id: Callable[[], str] = new_queue_id,
         attempt_timeout: float | None = None,
         metrics: Metrics | None = None,
+        outcomes: OutcomesLike | None = None,
     ) -> None:
         self._config = config
+        self._outcomes = outcomes
         self._spool = spool
         self._agent = agent
         self._clock = clock
@@ -531,17 +546,44 @@ class Scheduler:
             self._interrupted(env)
             env.next_attempt = now
         else:
-            failed = self._apply(env, recipients, attempts, now) + self._expire(env, now)
+            failed = self._apply(env, recipients, attempts, now)
+            expired = self._expire(env, now)
+            failed += expired
+            unwarned = [r for r in env.recipients if not r.delay_warned]
             if qid not in self._deleted and _bounceable(env):
                 await self._notify(env, failed, data, now)
+            env.next_attempt = self._next_time(env, now)
+            warned = [r for r in unwarned if r.delay_warned]
+            await self._tell(env, recipients, expired, warned, data)
         if qid in self._deleted or env.done:
             if await self._remove(qid):
                 return
             self._deleted.discard(qid)  # still on disk: show it again rather than lie
-        if attempts is not None:
-            env.next_attempt = self._next_time(env, now)
         await self._persist(env)
         self._push(env)
+
+    async def _tell(
+        self,
+        env: Envelope,
+        attempted: list[str],
+        expired: list[Recipient],
+        delayed: list[Recipient],
+        data: bytes,
+    ) -> None:
+        """Events and suppression (relayd.events), before the new state is written."""
+        if self._outcomes is None:
+            return
+        try:
+            await asyncio.wait_for(
+                self._outcomes.settled(env, attempted, expired, delayed, data), SPOOL_TIMEOUT
+            )
+        except Exception as exc:
+            event(
+                "qmgr",
+                f"warning: delivery events not recorded: {exc!r}",
+                queue_id=env.queue_id,
+                level=logging.ERROR,
+            )
 
     def _reschedule(self, env: Envelope, now: float) -> None:
         if env.queue_id in self._envelopes:

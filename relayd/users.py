@@ -165,7 +165,7 @@ def hash_password(password: str, params: HashParams = DEFAULT_PARAMS) -> str:
 
 
 def hash_scheme(encoded: str) -> str:
-    """"argon2id" or "scrypt" (legacy): what an encoded hash is."""
+    """ "argon2id" or "scrypt" (legacy): what an encoded hash is."""
     return "scrypt" if encoded.startswith("scrypt$") else "argon2id"
 
 

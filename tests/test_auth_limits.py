@@ -180,9 +180,7 @@ def test_counts_hold_across_processes(tmp_path: Path) -> None:
         account_replies, fresh, known = account_attack(r)
         assert codes(account_replies) == {"535 5.7.8": 20, "454 4.7.0": 4}, account_replies
         assert fresh.startswith("454 4.7.0") and known.startswith("235 2.7.0")
-        answering = set().union(
-            *(pids_answering(r.log(), f"127.0.0.{n}") for n in range(40, 64))
-        )
+        answering = set().union(*(pids_answering(r.log(), f"127.0.0.{n}") for n in range(40, 64)))
         print(f"account attack answered by processes {sorted(answering)}")
         assert len(answering) == 2
 

@@ -188,9 +188,7 @@ def test_verify_refused_recipient_queues_nothing(verifying: Relayd) -> None:
     assert json.loads(out.stdout)["messages"] == []
 
 
-def test_verify_answers_are_cached_shared_by_sessions(
-    verifying: Relayd, mx_pool: MXPool
-) -> None:
+def test_verify_answers_are_cached_shared_by_sessions(verifying: Relayd, mx_pool: MXPool) -> None:
     mx = mx_pool[0]
     first = rcpt_replies(verifying, "bob@example.test", "nobody@example.test")
     again = rcpt_replies(verifying, "BOB@example.test", "nobody@example.test", "bob@example.test")
@@ -360,8 +358,7 @@ def listing(tmp_path: Path) -> Iterator[tuple[Relayd, Path]]:
     r = Relayd(
         tmp_path / "relayd",
         extra=(
-            f"[relay]\ndomains = {SERVED}\nnetworks = {STRANGERS}\n"
-            f'recipients_file = "{path}"\n'
+            f'[relay]\ndomains = {SERVED}\nnetworks = {STRANGERS}\nrecipients_file = "{path}"\n'
         ),
     )
     with r:
@@ -454,4 +451,3 @@ def test_bounce_to_stranger_carries_at_most_16kb_of_headers_and_no_body(
     assert isinstance(returned, bytes)
     assert 0 < len(returned) <= 16_000, len(returned)
     assert returned.startswith(b"Received: ") or b"Subject: big headers" in returned
-

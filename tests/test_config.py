@@ -1187,7 +1187,7 @@ def test_server_processes_bad_value(tmp_path: Path) -> None:
     path.write_text('hostname = "mail.example.com"\n[server]\nprocesses = "many"\n')
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert f"relayd: {path}:3: [server] processes: expected \"auto\" or a number" in str(err.value)
+    assert f'relayd: {path}:3: [server] processes: expected "auto" or a number' in str(err.value)
 
 
 def test_check_config_reports_missing_files_together_with_bad_keys(tmp_path: Path) -> None:

@@ -298,9 +298,7 @@ def test_null_sender(dns_server: DNSServer, pool: MXPool) -> None:
     assert m.mail_from in ("", "<>")
 
 
-def test_two_domains_sharing_mx_share_one_transaction(
-    dns_server: DNSServer, pool: MXPool
-) -> None:
+def test_two_domains_sharing_mx_share_one_transaction(dns_server: DNSServer, pool: MXPool) -> None:
     dns_server.add(*pool.mx_records("one.test"), *pool.mx_records("two.test")[:2])
     attempts = deliver(config(dns_server, pool.port), ["a@one.test", "b@two.test"])
     assert [a.status for a in attempts] == ["sent"]
@@ -320,9 +318,7 @@ def test_drop_after_data_defers(dns_server: DNSServer, pool: MXPool) -> None:
     assert "lost connection" in a.reply
 
 
-def test_hang_at_data_end_defers_after_command_timeout(
-    dns_server: DNSServer, pool: MXPool
-) -> None:
+def test_hang_at_data_end_defers_after_command_timeout(dns_server: DNSServer, pool: MXPool) -> None:
     dns_server.add(*pool.mx_records("example.test"))
     for server in pool:
         server.behaviour = "hang_at_data_end"
@@ -354,9 +350,7 @@ def tls_pool(tmp_path: Path) -> Iterator[MXPool]:
         yield mx_pool
 
 
-def test_opportunistic_starttls_used_when_offered(
-    dns_server: DNSServer, tls_pool: MXPool
-) -> None:
+def test_opportunistic_starttls_used_when_offered(dns_server: DNSServer, tls_pool: MXPool) -> None:
     dns_server.add(*tls_pool.mx_records("example.test"))
     [a] = deliver(config(dns_server, tls_pool.port), ["bob@example.test"])
     assert a.status == "sent" and a.tls is not None and a.tls.startswith("TLSv1")
@@ -511,9 +505,7 @@ def test_route_starttls_never_falls_back_to_clear(dns_server: DNSServer, tmp_pat
 def test_exact_route_beats_star(dns_server: DNSServer, pool: MXPool) -> None:
     star = Route("*", HostPort("127.0.0.2", pool.port), tls="none")
     exact = Route("example.test", HostPort("127.0.0.3", pool.port), tls="none")
-    attempts = deliver(
-        config(dns_server, 25, star, exact), ["a@example.test", "b@other.test"]
-    )
+    attempts = deliver(config(dns_server, 25, star, exact), ["a@example.test", "b@other.test"])
     got = by_rcpt(attempts)
     assert got["a@example.test"].address == "127.0.0.3"
     assert got["b@other.test"].address == "127.0.0.2"

@@ -152,9 +152,7 @@ def test_megabyte_binary_replies_stay_small(relayd: Relayd, mx_pool: MXPool) -> 
     assert after - before < 50 * 1024, (before, after)
 
 
-def test_next_hop_greeting_with_my_hostname_bounces_once(
-    relayd: Relayd, mx_pool: MXPool
-) -> None:
+def test_next_hop_greeting_with_my_hostname_bounces_once(relayd: Relayd, mx_pool: MXPool) -> None:
     me = Hostile(banner=HOSTNAME)
     mx_pool["127.0.0.2"].raw_handler = me
     qid = inject(relayd, ["bob@example.org", "carol@example.org"])

@@ -54,9 +54,7 @@ def dns_server() -> Iterator[DNSServer]:
         yield server
 
 
-def config(
-    dns_server: DNSServer, port: int, *routes: Route, tls: str = "opportunistic"
-) -> Config:
+def config(dns_server: DNSServer, port: int, *routes: Route, tls: str = "opportunistic") -> Config:
     return Config(
         hostname=ME,
         routes=routes,
@@ -77,9 +75,7 @@ def deliver(cfg: Config, rcpts: list[str], ca: Path | None = None) -> list[Attem
     async def go() -> list[Attempt]:
         agent = DeliveryAgent(cfg, make_resolver(cfg.dns), tls_context_factory=factory)
         try:
-            env = Envelope(
-                "Q1", "alice@origin.test", [Recipient(r) for r in rcpts], time.time()
-            )
+            env = Envelope("Q1", "alice@origin.test", [Recipient(r) for r in rcpts], time.time())
             return await agent.deliver(env, MESSAGE, rcpts)
         finally:
             await agent.close()

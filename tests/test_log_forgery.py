@@ -296,4 +296,3 @@ def test_relayctl_escapes_what_it_reads_from_the_spool(tmp_path: Path) -> None:
         assert "mx\\x1b.example.org" in show
         listing = json.loads(r.ctl("--json", "queue").stdout)
         assert listing["messages"][0]["sender"] == "evil\x1b[2J@example.com"
-

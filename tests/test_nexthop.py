@@ -80,7 +80,7 @@ def test_order_mx_is_stable_by_preference() -> None:
 
 
 def test_implicit_mx_when_no_mx(dns_server: DNSServer) -> None:
-    dns_server.add("plain.test A 127.0.0.5", "plain.test TXT \"hello\"")
+    dns_server.add("plain.test A 127.0.0.5", 'plain.test TXT "hello"')
     res = resolve(next_hops(make_config(dns_server)), "plain.test")
     assert res.failure is None
     assert [(h.host, h.addresses, h.port) for h in res.hops] == [

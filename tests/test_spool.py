@@ -624,11 +624,19 @@ def test_a_colliding_queue_id_never_replaces_a_queued_message(tmp_path: Path) ->
     """Same id twice (a clock stepped back across a restart): the second commit fails."""
     spool = store.Spool(tmp_path / "spool")
     spool.ensure()
-    first = Envelope(queue_id=queueid.new_queue_id(), sender="a@x.test",
-                     recipients=[Recipient("b@y.test")], arrival_time=1.0)
+    first = Envelope(
+        queue_id=queueid.new_queue_id(),
+        sender="a@x.test",
+        recipients=[Recipient("b@y.test")],
+        arrival_time=1.0,
+    )
     asyncio.run(spool.commit(first, b"Subject: first\r\n\r\none\r\n"))
-    second = Envelope(queue_id=first.queue_id, sender="c@x.test",
-                      recipients=[Recipient("d@y.test")], arrival_time=2.0)
+    second = Envelope(
+        queue_id=first.queue_id,
+        sender="c@x.test",
+        recipients=[Recipient("d@y.test")],
+        arrival_time=2.0,
+    )
     with pytest.raises(store.SpoolError):
         asyncio.run(spool.commit(second, b"Subject: second\r\n\r\ntwo\r\n"))
     assert spool.read_data(first.queue_id) == b"Subject: first\r\n\r\none\r\n"

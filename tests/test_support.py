@@ -114,7 +114,7 @@ def test_dns_cname_is_followed(dns_server: DNSServer) -> None:
 
 
 def test_dns_unknown_is_nxdomain_and_missing_type_is_nodata(dns_server: DNSServer) -> None:
-    dns_server.add("sel._domainkey.example.test TXT \"v=DKIM1; p=\"")
+    dns_server.add('sel._domainkey.example.test TXT "v=DKIM1; p="')
     resolver = dns_server.resolver()
     with pytest.raises(dns.resolver.NXDOMAIN):
         resolver.resolve("unknown.test", "A")
@@ -343,9 +343,7 @@ def smtp_client(
     """An smtplib client connected to ``mx``, closed afterwards whatever happened."""
     client: smtplib.SMTP
     if implicit:
-        client = smtplib.SMTP_SSL(
-            mx.host, mx.port, timeout=timeout, context=certs.client_context()
-        )
+        client = smtplib.SMTP_SSL(mx.host, mx.port, timeout=timeout, context=certs.client_context())
     else:
         client = smtplib.SMTP(mx.host, mx.port, timeout=timeout)
     try:

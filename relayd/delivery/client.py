@@ -237,7 +237,7 @@ class Session:
 
     @property
     def tls_version(self) -> str | None:
-        """"TLSv1.3" and the like, or None for clear text."""
+        """ "TLSv1.3" and the like, or None for clear text."""
         obj = self._writer.get_extra_info("ssl_object")
         return obj.version() if isinstance(obj, ssl.SSLObject | ssl.SSLSocket) else None
 

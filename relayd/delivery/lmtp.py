@@ -100,9 +100,7 @@ async def _open(
         opening = asyncio.open_unix_connection(str(target.socket), limit=MAX_LINE)
     else:
         assert target.address is not None
-        opening = asyncio.open_connection(
-            target.address.host, target.address.port, limit=MAX_LINE
-        )
+        opening = asyncio.open_connection(target.address.host, target.address.port, limit=MAX_LINE)
     try:
         return await asyncio.wait_for(opening, timeout)
     except (OSError, TimeoutError) as exc:

@@ -125,9 +125,7 @@ class LocalSubmission:
             log.event(PROGRAM, f"warning: queue file write error: {exc}", level=logging.ERROR)
             return "451 4.3.0 Error: queue file write error"
         except Exception:  # our bug: the caller retries, nothing is lost
-            log.event(
-                PROGRAM, "error: local submission failed", level=logging.ERROR, exc_info=True
-            )
+            log.event(PROGRAM, "error: local submission failed", level=logging.ERROR, exc_info=True)
             return "451 4.3.0 Error: local problem, try again later"
 
     async def _submit(self, reader: asyncio.StreamReader, uid: int, user: str) -> str:

@@ -162,9 +162,7 @@ class AuthLedger:
     def _expire(self, cur: sqlite3.Cursor, now: float) -> None:
         keep = max(self.limits.failure_window, self.limits.account_window)
         cur.execute("DELETE FROM attempts WHERE running = 0 AND at < ?", (now - keep,))
-        cur.execute(
-            "DELETE FROM attempts WHERE running = 1 AND at < ?", (now - STALE_RESERVATION,)
-        )
+        cur.execute("DELETE FROM attempts WHERE running = 1 AND at < ?", (now - STALE_RESERVATION,))
         cur.execute("DELETE FROM logins WHERE at < ?", (now - self.limits.trust_window,))
 
     def _cap(self, cur: sqlite3.Cursor) -> None:
@@ -174,9 +172,7 @@ class AuthLedger:
             "DELETE FROM attempts WHERE running = 0 AND id <= (SELECT max(id) FROM attempts) - ?",
             (cap,),
         )
-        cur.execute(
-            "DELETE FROM logins WHERE rowid <= (SELECT max(rowid) FROM logins) - ?", (cap,)
-        )
+        cur.execute("DELETE FROM logins WHERE rowid <= (SELECT max(rowid) FROM logins) - ?", (cap,))
 
     def begin(self, now: float, ip: str, name: str) -> Ticket:
         """Decide whether this password may be checked; if so, reserve its slot."""

@@ -132,9 +132,7 @@ class _Sink:
     def _spill(self) -> None:
         name = f"data.{os.getpid()}.{next(_SPILL_SEQ)}"
         self.path = os.path.join(self.spill_dir, name)
-        self.fd = os.open(
-            self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
-        )
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         _write_all(self.fd, self.buf)
         self.buf = bytearray()
 

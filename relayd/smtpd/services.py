@@ -152,6 +152,9 @@ class Services:
     sign: Callable[[bytes, Content], Awaitable[bytes]]
     checks: Checks = field(default_factory=NoChecks)
     recipients: RecipientCheck = field(default_factory=NoRecipientCheck)
+    # The RCPT reply for an address on the suppression list (relayd.suppression),
+    # asked only for authenticated clients' mail; None: not suppressed.
+    suppressed: Callable[[str], Awaitable[str | None]] = field(default=lambda _: _not_suppressed())
     free_space: Callable[[], int] = lambda: 1 << 62
     spill_dir: str = ""  # where DATA goes once it is large: the spool's tmp/
     # The daemon's one registry, shared across reloads; a private one counts for nobody.
@@ -165,6 +168,10 @@ class Services:
         """Under the ``[spool] min_free_space`` floor: refuse new mail with 452 4.3.1."""
         assert self._free is not None
         return self._free.get() < self.config.spool.min_free_space
+
+
+async def _not_suppressed() -> None:
+    return None
 
 
 def server_tls_context(cert: str, key: str) -> ssl.SSLContext:

@@ -730,6 +730,10 @@ class Session(SMTP):  # type: ignore[misc]
             verdict = await self.services.recipients.verdict(rcpt)
         if verdict is not None:
             return f"{verdict.code} {verdict.enhanced} <{rcpt}>: {verdict.text}"
+        if self.user is not None:  # submission (SPEC §10): not inbound, not [relay] networks
+            suppressed = await self.services.suppressed(str(rcpt))
+            if suppressed is not None:
+                return suppressed
         self.recipients.append(rcpt)
         return "250 2.1.5 Ok"
 

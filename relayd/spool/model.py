@@ -164,6 +164,4 @@ class Envelope:
         return cls(**d)
 
 
-_SCALAR_FIELDS = tuple(
-    f.name for f in fields(Envelope) if f.name not in ("recipients", "history")
-)
+_SCALAR_FIELDS = tuple(f.name for f in fields(Envelope) if f.name not in ("recipients", "history"))

@@ -530,9 +530,7 @@ class Spool:
             task.add_done_callback(functools.partial(self._discard_if_committed, qid))
             raise
 
-    async def _commit(
-        self, qid: str, envelope: Envelope, data: bytes, tail: Tail | None
-    ) -> None:
+    async def _commit(self, qid: str, envelope: Envelope, data: bytes, tail: Tail | None) -> None:
         size = len(data)
         if tail is not None:
             size += os.stat(tail[0]).st_size - tail[1]

@@ -684,4 +684,3 @@ class MXPool:
         ]
         lines += [f"{server.hostname} A {server.host}" for server in self.servers]
         return lines
-

@@ -106,9 +106,7 @@ class Relayd:
         parts.append(f'[control]\nsocket = "{self.root / "control.sock"}"\n')
         parts.append(f'[local]\nsocket = "{self.root / "sendmail.sock"}"\n')
         parts.append(f'[logging]\ntarget = "{self.log_target}"\nlevel = "info"\n')
-        parts.append(
-            f'[dns]\nnameservers = ["{self.dns_address}"]\ntimeout = "2s"\n{self.dns}\n'
-        )
+        parts.append(f'[dns]\nnameservers = ["{self.dns_address}"]\ntimeout = "2s"\n{self.dns}\n')
         if self.hold_delivery:
             parts.append(
                 f'[[route]]\ndomain = "*"\nvia = "127.0.0.1:{self.dead_port}"\ntls = "none"\n'
