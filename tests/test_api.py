@@ -239,3 +239,13 @@ def test_202_survives_sigkill(tmp_path: Path) -> None:
             # Another user's message is not shown.
             w.r.add_user("other", PASSWORD, "*@other.example")
             assert w.get(qid, auth=("other", PASSWORD)).status_code == 404
+
+
+def test_suppressed_recipient_is_refused(world: World) -> None:
+    added = world.r.ctl("suppression", "add", "gone@example.org")
+    assert added.returncode == 0, added.stderr
+    answer = world.post(dict(MESSAGE, to=["gone@example.org"], cc=[], bcc=[]))
+    status, code, enhanced = error_of(answer)
+    assert (status, code, enhanced) == (403, 550, "5.1.1")
+    assert "suppressed" in answer.json()["error"]["message"]
+    assert world.post(MESSAGE).status_code == 202  # others still go

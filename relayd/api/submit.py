@@ -74,6 +74,10 @@ async def submit(
         refused = await recipient_check(rcpt, who.user) if recipient_check else None
         if refused is not None:
             raise refused
+        suppressed = await services.suppressed(rcpt)  # "550 5.1.1 <addr>: suppressed ..."
+        if suppressed is not None:
+            code, enhanced, text = suppressed.split(" ", 2)
+            raise ApiError(403, int(code), enhanced, text)
     if len(message) > cfg.limits.max_message_size:
         raise ApiError(413, 552, "5.3.4", "Message size exceeds fixed limit")
     content = Content.from_bytes(message)
