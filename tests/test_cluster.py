@@ -168,7 +168,7 @@ def test_three_nodes_share_limits_and_survive_redis_going_away(
             assert "unreachable" in r.wait_log("cluster store")
     finally:
         for r in nodes:
-            r.kill()
+            r.__exit__(None, None, None)  # kills relayd, stops its own DNS server
 
 
 HAPROXY = shutil.which("haproxy")
@@ -233,4 +233,4 @@ def test_haproxy_in_front_passes_the_client_address(tmp_path: Path) -> None:
         haproxy.terminate()
         haproxy.wait(10)
         for r in nodes:
-            r.kill()
+            r.__exit__(None, None, None)  # kills relayd, stops its own DNS server
