@@ -353,7 +353,7 @@ class Scheduler:
             await asyncio.wait(pending, timeout=STOP_GRACE)
 
     def _idle_time(self) -> float:
-        if not self._heap:
+        if not self._heap or self._paused:  # resume() wakes the loop
             return MAX_IDLE
         return min(MAX_IDLE, max(0.0, self._heap[0][0] - self._clock()))
 
