@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import ssl
 from collections.abc import Callable
+from typing import cast
 
 from relayd import log
 from relayd.policy.verdict import Refuse
@@ -48,7 +49,9 @@ class Gate(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # Not isinstance(transport, asyncio.Transport): uvloop's transports do
+        # not subclass asyncio's, and every connection would fail here.
+        transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername") or ("", 0)
         self.ip = str(peer[0])
         refusal = self.services.connections.acquire(self.ip)
