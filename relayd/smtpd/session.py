@@ -15,7 +15,6 @@ changes the rules under a client mid-conversation.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import re
 import ssl
@@ -158,7 +157,7 @@ class Session(SMTP):  # type: ignore[misc]
         self._connected = False
         self._lost = False
         self._smtp_methods = {
-            name: self._counted(name, m) for name, m in self._smtp_methods.items()
+            name: _Counted(self, name, m) for name, m in self._smtp_methods.items()
         }
 
     def _smtp_init(
@@ -318,21 +317,17 @@ class Session(SMTP):  # type: ignore[misc]
     def _last_command(self) -> str:
         return self._command or self._previous or "CONNECT"
 
-    def _counted(self, name: str, method: Any) -> Any:
-        @functools.wraps(method)
-        async def run(arg: str | None) -> None:
-            self.counts[name] += 1
-            self._command, self._command_arg = name, arg
-            self._last_code, self._reject_logged = "", False
-            try:
-                await method(arg)
-            finally:
-                if self._last_code.startswith("2"):
-                    self.succeeded[name] += 1
-                self._previous, self._command = name, ""
-                self._reject_logged = False
-
-        return run
+    async def _run_counted(self, name: str, method: Any, arg: str | None) -> None:
+        self.counts[name] += 1
+        self._command, self._command_arg = name, arg
+        self._last_code, self._reject_logged = "", False
+        try:
+            await method(arg)
+        finally:
+            if self._last_code.startswith("2"):
+                self.succeeded[name] += 1
+            self._previous, self._command = name, ""
+            self._reject_logged = False
 
     # ---- replies ----------------------------------------------------------
 
@@ -1016,6 +1011,28 @@ def _enhance(status: str) -> str:
     if enhanced is None:
         enhanced = f"{status[0]}.0.0"
     return f"{status[:4]}{enhanced} {status[4:]}"
+
+
+class _Counted:
+    """An ``smtp_*`` method as aiosmtpd calls it, counted and tracked by the session.
+
+    A small object rather than a closure with functools.wraps per command
+    and session (20 of them were built before each banner); attributes
+    such as aiosmtpd's ``__smtp_syntax__`` (HELP) come from the method.
+    """
+
+    __slots__ = ("_method", "_name", "_session")
+
+    def __init__(self, session: Session, name: str, method: Any) -> None:
+        self._session = session
+        self._name = name
+        self._method = method
+
+    def __call__(self, arg: str | None) -> Any:
+        return self._session._run_counted(self._name, self._method, arg)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._method, attr)
 
 
 _Names = tuple[tuple[str, str], ...]
