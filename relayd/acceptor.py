@@ -290,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     async def serve() -> int:
         return await Acceptor(config, master).run(inherited)
 
-    return asyncio.run(serve())
+    from relayd.daemon import event_loop_runner
+
+    return int(event_loop_runner()(serve()))
 
 
 if __name__ == "__main__":

@@ -147,6 +147,11 @@ class Scheduler:
         self.on_removed: Callable[[Envelope], None] | None = None
         self._heap: list[tuple[float, str]] = []
         self._blocked: list[tuple[float, str]] = []  # due, waiting for a free slot
+        # Due, waiting for a slot at one domain (a heap per domain): looked at
+        # only when that domain frees a slot, not on every wake-up.
+        self._waiting: dict[str, list[tuple[float, str]]] = {}
+        self._freed: set[str] = set()  # domains that freed a slot since the last look
+        self._rescan = False  # look at every waiting domain (caps changed, resumed)
         self._tasks: dict[str, asyncio.Task[None]] = {}  # one per message in flight
         self._delivering: dict[str, asyncio.Task[list[Attempt]]] = {}
         self._per_domain: Counter[str] = Counter()
@@ -190,6 +195,7 @@ class Scheduler:
         self._config = config
         if agent is not None:
             self._agent = agent
+        self._rescan = True
         self._wake.set()
 
     def wake(self) -> None:
@@ -263,6 +269,7 @@ class Scheduler:
         if self._paused:
             self._paused = False
             event("qmgr", "delivery resumed by the operator")
+            self._rescan = True
             self._wake.set()
 
     def hold(self, ids: list[str]) -> list[str]:
@@ -380,7 +387,7 @@ class Scheduler:
             await asyncio.wait(pending, timeout=STOP_GRACE)
 
     def _idle_time(self) -> float:
-        if not self._heap:
+        if not self._heap or self._paused:  # resume() wakes the loop
             return MAX_IDLE
         return min(MAX_IDLE, max(0.0, self._heap[0][0] - self._clock()))
 
@@ -390,16 +397,34 @@ class Scheduler:
             self._wake.set()
 
     def _dispatch_due(self) -> None:
-        """Start every due message that fits under the caps, in due order."""
+        """Start every due message that fits under the caps, in due order.
+
+        A message that does not fit under a domain's cap waits in that
+        domain's heap until the domain frees a slot; a wake-up looks only at
+        the domains that did, so a backlog behind a busy next hop costs
+        nothing per finished attempt.
+        """
         if self._paused:
             return
         now = self._clock()
         due, self._blocked = self._blocked, []
         while self._heap and self._heap[0][0] <= now:
             due.append(heapq.heappop(self._heap))
-        due.sort()
         limit = max(1, self._config.delivery.concurrency)
         cap = max(1, self._config.delivery.per_domain_concurrency)
+        freed = self._freed if not self._rescan else set(self._waiting)
+        self._freed, self._rescan = set(), False
+        for domain in freed:
+            waiting = self._waiting.get(domain)
+            free = cap - self._per_domain[domain]
+            while waiting and free > 0:
+                entry = heapq.heappop(waiting)
+                if self._current(entry) is not None:
+                    due.append(entry)
+                    free -= 1
+            if not waiting:
+                self._waiting.pop(domain, None)
+        due.sort()
         full = {d for d, n in self._per_domain.items() if n >= cap}
         for i, entry in enumerate(due):
             if self._stopping or len(self._tasks) >= limit:
@@ -411,11 +436,15 @@ class Scheduler:
             if env is None:
                 continue
             domains = _domains(env)
-            if full.isdisjoint(domains):
+            blocking = domains & full
+            if not blocking:
                 self._start(env, domains)
                 full.update(d for d in domains if self._per_domain[d] >= cap)
             else:
-                self._blocked.append(entry)
+                heapq.heappush(self._waiting.setdefault(min(blocking), []), entry)
+                # Its other domains may have a free slot and others waiting for it:
+                # look at them again at the next wake-up.
+                self._freed.update(domains - full)
 
     def _current(self, entry: tuple[float, str]) -> Envelope | None:
         """The envelope a heap entry stands for, or None if the entry is stale."""
@@ -453,6 +482,7 @@ class Scheduler:
         finally:
             self._per_domain.subtract(domains)
             self._per_domain += Counter()  # drop domains that reached zero
+            self._freed.update(domains)
             self._tasks.pop(qid, None)
             if qid in self._deleted and qid in self._envelopes:
                 # Deleted while this attempt was settling (e.g. during its state

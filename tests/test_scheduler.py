@@ -560,6 +560,29 @@ def test_per_domain_cap_lets_other_domains_pass(tmp_path: Path) -> None:
     run(main())
 
 
+def test_backlog_across_domains_all_goes_under_the_caps(tmp_path: Path) -> None:
+    """Messages waiting for a domain's slot (some for two domains) all start in the end."""
+
+    async def main() -> None:
+        async with world(tmp_path, config(concurrency=10, per_domain_concurrency=1)) as w:
+            w.agent.gate = asyncio.Event()
+            await w.queue("one@a.example")
+            await w.queue("two@a.example", "two@b.example")
+            await w.queue("three@b.example")
+            for i in range(4):
+                await w.queue(f"more{i}@a.example")
+                await w.queue(f"more{i}@c.example", f"more{i}@b.example")
+            await until(lambda: w.agent.active == 2)
+            await quiet()
+            w.agent.gate.set()
+            await w.idle()
+            assert len(w.agent.deliveries) == 11
+            assert all(n == 1 for n in w.agent.max_by_domain.values())
+            assert w.queued() == []
+
+    run(main())
+
+
 # ---- operator actions ------------------------------------------------------------------
 
 

@@ -106,3 +106,54 @@ def test_a_client_in_the_middle_of_data_is_waited_for(tmp_path: Path) -> None:
         r.proc = None
         r.start()
         assert reply.rsplit(" ", 1)[1] in queued(r)
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_sigterm_drain_under_each_event_loop(tmp_path: Path, loop: str) -> None:
+    """Greeting, drain and stop work alike under uvloop and asyncio.
+
+    Under uvloop every connection used to fail in the listener's gate
+    (uvloop's transports are no asyncio.Transport subclass): the client
+    never got its 220 and waited, which looked like a hung SIGTERM drain.
+    Idle relayctl and sendmail connections must not delay the stop either.
+    """
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    r = Relayd(tmp_path)
+    r.env = {"RELAYD_EVENT_LOOP": loop}
+    with r:
+        r.start()
+        sessions = [raw_session(r.port("inbound"), timeout=5) for _ in range(3)]
+        for client in sessions:
+            assert client.reply().startswith("220")
+        with r.smtp("inbound") as s:
+            s.ehlo("client.test")
+            send(s, "a@example.com", ["bob@example.org"], MSG)
+        idle = []
+        for name in ("control.sock", "sendmail.sock"):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(tmp_path / name))
+            idle.append(sock)
+        try:
+            elapsed = stop_time(r)
+        finally:
+            for sock in idle:
+                sock.close()
+        assert elapsed < 5.0, f"took {elapsed:.1f}s to stop"
+        for client in sessions:
+            assert client.reply().startswith("421 4.3.2")
+            client.close()
+        assert f"event loop: {loop}" in r.log()
+
+
+def test_asyncio_when_uvloop_does_not_import(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    import sys
+
+    from relayd.daemon import event_loop_runner
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop raises ImportError
+    assert event_loop_runner() is asyncio.run
+    monkeypatch.delitem(sys.modules, "uvloop")
+    monkeypatch.setenv("RELAYD_EVENT_LOOP", "asyncio")
+    assert event_loop_runner() is asyncio.run

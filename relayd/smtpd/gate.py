@@ -27,6 +27,7 @@ import contextlib
 import ipaddress
 import ssl
 from collections.abc import Callable
+from typing import cast
 
 from relayd import log
 from relayd.policy.verdict import Refuse
@@ -60,7 +61,9 @@ class Gate(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # Not isinstance(transport, asyncio.Transport): uvloop's transports do
+        # not subclass asyncio's, and every connection would fail here.
+        transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername") or ("", 0)
         self.ip = str(peer[0])
         if self.proxy_protocol:

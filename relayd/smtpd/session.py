@@ -15,7 +15,6 @@ changes the rules under a client mid-conversation.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import re
 import ssl
@@ -25,7 +24,15 @@ from base64 import b64decode
 from collections import Counter
 from typing import Any, TypeGuard
 
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, TLSSetupException
+from aiosmtpd.smtp import (
+    SMTP,
+    AuthResult,
+    LoginPassword,
+    TLSSetupException,
+    _AuthMechAttr,
+    login_always_fail,
+    make_loop,
+)
 
 from relayd import log
 from relayd.address import Address, AddressError, parse_params, parse_path
@@ -108,7 +115,7 @@ class Session(SMTP):  # type: ignore[misc]
     def __init__(self, services: Services, listener: Listener) -> None:
         cfg = services.config
         starttls = listener.tls == "starttls" and services.tls_context is not None
-        super().__init__(
+        self._smtp_init(
             _NoHooks(),
             data_size_limit=cfg.limits.max_message_size,
             enable_SMTPUTF8=True,
@@ -151,8 +158,70 @@ class Session(SMTP):  # type: ignore[misc]
         self._lost = False
         self.peer: tuple[str, int] | None = None  # the client a PROXY header named
         self._smtp_methods = {
-            name: self._counted(name, m) for name, m in self._smtp_methods.items()
+            name: _Counted(self, name, m) for name, m in self._smtp_methods.items()
         }
+
+    def _smtp_init(
+        self,
+        handler: Any,
+        *,
+        data_size_limit: int,
+        enable_SMTPUTF8: bool,
+        decode_data: bool,
+        hostname: str,
+        ident: str,
+        tls_context: ssl.SSLContext | None,
+        require_starttls: bool,
+        timeout: float,
+        auth_required: bool,
+        auth_require_tls: bool,
+    ) -> None:
+        """aiosmtpd's ``SMTP.__init__`` for the arguments relayd passes, per session.
+
+        aiosmtpd finds its ``smtp_*``, ``auth_*`` and ``handle_*`` methods with
+        ``inspect.getmembers``/``dir`` on every new connection (about a third
+        of a millisecond, a tenth of the CPU of a one-message session); here
+        the names come from a per-class cache and only the binding is done
+        per session. The attributes set are those of aiosmtpd 1.4's
+        ``__init__`` (tests/test_session_init.py compares the two).
+        """
+        self.__ident__ = ident
+        self.loop = loop = make_loop()
+        asyncio.StreamReaderProtocol.__init__(
+            self,
+            asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected,
+            loop=loop,
+        )
+        self.event_handler = handler
+        self.data_size_limit = data_size_limit
+        self.enable_SMTPUTF8 = enable_SMTPUTF8
+        self._decode_data = decode_data
+        self.hostname = hostname
+        self.tls_context = tls_context
+        self.require_starttls = tls_context and require_starttls
+        self._timeout_duration = timeout
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = auth_require_tls
+        self._proxy_timeout = None
+        self._authenticator = None
+        self._auth_callback = login_always_fail
+        self._auth_required = auth_required
+        smtp, auth = _method_names(type(self))
+        self._auth_methods = {mech: _AuthMechAttr(getattr(self, name), True) for mech, name in auth}
+        self._handle_hooks = {
+            hook: getattr(handler, name) for hook, name in _hook_names(type(handler))
+        }
+        self._ehlo_hook_ver = None
+        self._enforce_call_limit = False
+        self._smtp_methods = {command: getattr(self, name) for command, name in smtp}
 
     # ---- connection lifecycle -------------------------------------------
 
@@ -251,21 +320,17 @@ class Session(SMTP):  # type: ignore[misc]
     def _last_command(self) -> str:
         return self._command or self._previous or "CONNECT"
 
-    def _counted(self, name: str, method: Any) -> Any:
-        @functools.wraps(method)
-        async def run(arg: str | None) -> None:
-            self.counts[name] += 1
-            self._command, self._command_arg = name, arg
-            self._last_code, self._reject_logged = "", False
-            try:
-                await method(arg)
-            finally:
-                if self._last_code.startswith("2"):
-                    self.succeeded[name] += 1
-                self._previous, self._command = name, ""
-                self._reject_logged = False
-
-        return run
+    async def _run_counted(self, name: str, method: Any, arg: str | None) -> None:
+        self.counts[name] += 1
+        self._command, self._command_arg = name, arg
+        self._last_code, self._reject_logged = "", False
+        try:
+            await method(arg)
+        finally:
+            if self._last_code.startswith("2"):
+                self.succeeded[name] += 1
+            self._previous, self._command = name, ""
+            self._reject_logged = False
 
     # ---- replies ----------------------------------------------------------
 
@@ -954,6 +1019,70 @@ def _enhance(status: str) -> str:
     if enhanced is None:
         enhanced = f"{status[0]}.0.0"
     return f"{status[:4]}{enhanced} {status[4:]}"
+
+
+class _Counted:
+    """An ``smtp_*`` method as aiosmtpd calls it, counted and tracked by the session.
+
+    A small object rather than a closure with functools.wraps per command
+    and session (20 of them were built before each banner); attributes
+    such as aiosmtpd's ``__smtp_syntax__`` (HELP) come from the method.
+    """
+
+    __slots__ = ("_method", "_name", "_session")
+
+    def __init__(self, session: Session, name: str, method: Any) -> None:
+        self._session = session
+        self._name = name
+        self._method = method
+
+    def __call__(self, arg: str | None) -> Any:
+        return self._session._run_counted(self._name, self._method, arg)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._method, attr)
+
+
+_Names = tuple[tuple[str, str], ...]
+_METHOD_NAMES: dict[type, tuple[_Names, _Names]] = {}
+
+
+def _method_names(cls: type) -> tuple[_Names, _Names]:
+    """(command, method) for ``smtp_*`` and (mechanism, method) for ``auth_*``, as aiosmtpd."""
+    found = _METHOD_NAMES.get(cls)
+    if found is None:
+        found = _METHOD_NAMES[cls] = _find_method_names(cls)
+    return found
+
+
+def _find_method_names(cls: type) -> tuple[_Names, _Names]:
+    names = dir(cls)
+    smtp = tuple((m.replace("smtp_", ""), m) for m in names if m.startswith("smtp_"))
+    auth = tuple(
+        (
+            getattr(
+                getattr(cls, m),
+                "__auth_mechanism_name__",
+                m.replace("auth_", "").replace("__", "-"),
+            ),
+            m,
+        )
+        for m in names
+        if m.startswith("auth_")
+    )
+    return smtp, auth
+
+
+_HOOK_NAMES: dict[type, _Names] = {}
+
+
+def _hook_names(cls: type) -> _Names:
+    found = _HOOK_NAMES.get(cls)
+    if found is None:
+        found = _HOOK_NAMES[cls] = tuple(
+            (m.replace("handle_", ""), m) for m in dir(cls) if m.startswith("handle_")
+        )
+    return found
 
 
 def _command_limits() -> Any:

@@ -93,11 +93,19 @@ def _brief(name: str, r: dict[str, Any]) -> str:
         return ""
     if name == "accept":
         return (
-            f"2k {r['accept_2k']['rate']:.0f}/s, 100k {r['accept_100k']['rate']:.0f}/s, "
+            f"2k {r['accept_2k']['rate']:.0f}/s "
+            f"({r['accept_2k']['cpu_ms_per_msg']:.2f} ms CPU), "
+            f"100k {r['accept_100k']['rate']:.0f}/s, "
+            f"2k kept {r['accept_2k_keep']['rate']:.0f}/s "
+            f"({r['accept_2k_keep']['cpu_ms_per_msg']:.2f} ms CPU), "
             f"p50 {r['latency']['p50_ms']:.1f} ms p99 {r['latency']['p99_ms']:.1f} ms"
         )
     if name == "relay":
-        return ", ".join(f"{k} {v['rate']:.0f}/s" for k, v in r.items() if isinstance(v, dict))
+        return ", ".join(
+            f"{k} {v['rate']:.0f}/s ({v['cpu_ms_per_msg']:.2f} ms CPU)"
+            for k, v in r.items()
+            if isinstance(v, dict)
+        )
     if name == "idle":
         return (
             f"{r['established']}/{r['sessions_wanted']} sessions, "

@@ -143,8 +143,13 @@ async def send_load(
     resend_for: float = 0.0,
     on_ack: Callable[[LoadResult], None] | None = None,
     cap: float | None = None,
+    per_message: bool = False,
 ) -> LoadResult:
     """``count`` messages over ``sessions`` concurrent sessions.
+
+    ``per_message``: a new connection for each message (QUIT after its 250),
+    as applications and ``smtp-source`` without ``-d`` do; otherwise each
+    session is kept for its next message.
 
     With ``resend_for`` > 0 a session whose connection breaks reconnects
     (for up to that many seconds) and sends the unanswered message again.
@@ -196,6 +201,9 @@ async def send_load(
                 seq = None
                 if on_ack is not None:
                     on_ack(result)
+                if per_message:
+                    await conn.quit()
+                    conn = None
         finally:
             if conn is not None:
                 await conn.quit()

@@ -26,17 +26,20 @@ class SourceRun:
     capped: bool = False  # stopped at the time cap before sending everything
 
 
-def smtp_source(port: int, sessions: int, count: int, size: int, cap: float) -> SourceRun:
+def smtp_source(
+    port: int, sessions: int, count: int, size: int, cap: float, keep: bool = False
+) -> SourceRun:
     """``count`` messages with ``size`` octets of body over ``sessions`` sessions.
 
-    ``-d`` keeps each session open for its next message (no reconnect per
-    message); smtp-source exits once every message got its reply. After
-    ``cap`` seconds it is stopped wherever it is (``capped``): the caller
-    then counts what the MTA accepted.
+    By default a new connection per message, as applications do; ``keep``
+    (``-d``) keeps each session open for its next message. smtp-source
+    exits once every message got its reply. After ``cap`` seconds it is
+    stopped wherever it is (``capped``): the caller then counts what the
+    MTA accepted.
     """
     cmd = [
         tool("smtp-source") or "smtp-source",
-        "-d",
+        *(["-d"] if keep else []),
         "-s", str(sessions),
         "-m", str(count),
         "-l", str(size),

@@ -1,8 +1,10 @@
 """The two MTAs under test: a relayd process and a private Postfix instance.
 
 Both listen on an unprivileged port on 127.0.0.1, queue durably, and send
-everything to one next hop on 127.0.0.1: a closed port (so mail stays
-queued, "accept") or an smtp-sink ("relay"). Settings are kept equivalent
+everything to one next hop on 127.0.0.1: an smtp-sink ("relay"), or for
+"accept" a closed port with delivery held, so mail stays queued and
+nothing is tried (relayd: ``relayctl delivery pause``; Postfix: the access
+table action ``HOLD``). Settings are kept equivalent
 where the two have a counterpart:
 
 - next hop: relayd ``[[route]] domain = "*"``; Postfix ``relayhost = [127.0.0.1]:N``
@@ -76,9 +78,11 @@ class Relayd:
         command: list[str] | None = None,
         env: dict[str, str] | None = None,
         processes: str | None = None,
+        hold: bool = False,
     ) -> None:
         self.root = root
         self.next_hop = next_hop
+        self.hold = hold  # delivery paused (relayctl delivery pause) once started
         self.max_connections = max_connections
         # How to run the daemon (for experiments: a launcher that patches first).
         self.command = command or [sys.executable, "-m", "relayd.cli"]
@@ -159,11 +163,24 @@ tls = "none"
             )
         try:
             self._wait_ready(notify, timeout)
+            if self.hold:
+                self.pause()
         except BaseException:
             self.kill()
             raise
         finally:
             notify.close()
+
+    def pause(self) -> None:
+        """``relayctl delivery pause``: queued mail stays queued, nothing is tried."""
+        subprocess.run(
+            [sys.executable, "-m", "relayd.ctl", "--config", str(self.config_path),
+             "delivery", "pause"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=30,
+            check=True,
+        )  # fmt: skip
 
     def _wait_ready(self, notify: socket.socket, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -249,9 +266,12 @@ class Postfix:
     name = "postfix"
     QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
 
-    def __init__(self, root: Path, next_hop: int, smtpd_maxproc: int | None = 2000) -> None:
+    def __init__(
+        self, root: Path, next_hop: int, smtpd_maxproc: int | None = 2000, hold: bool = False
+    ) -> None:
         self.root = root
         self.next_hop = next_hop
+        self.hold = hold  # every message to the hold queue (access table action HOLD)
         self.smtpd_maxproc = smtpd_maxproc  # None: Postfix's default_process_limit (100)
         self.port = free_port(LOOPBACK)
         self.etc = root / "etc"
@@ -285,7 +305,12 @@ alias_maps =
 alias_database =
 local_recipient_maps =
 biff = no
-"""
+""" + (
+            "smtpd_recipient_restrictions = check_client_access static:HOLD, "
+            "permit_mynetworks, reject_unauth_destination\n"
+            if self.hold
+            else ""
+        )
 
     def _prepare(self) -> None:
         for d in (self.root, self.etc, self.queue, self.data, self.logdir):

@@ -147,7 +147,7 @@ def profile_accept(
         return {"error": "py-spy not found (pip install py-spy)"}
     out_dir.mkdir(parents=True, exist_ok=True)
     raw_path = out_dir / f"relayd-accept-{size // 1024}k-profile.txt"
-    mta = Relayd(root, next_hop=free_port())
+    mta = Relayd(root, next_hop=free_port(), hold=True)
     sampler: subprocess.Popen[bytes] | None = None
     try:
         mta.start()

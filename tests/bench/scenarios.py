@@ -1,12 +1,15 @@
 """What is measured, one function per block; each starts and stops its own MTA.
 
-- ``accept_block``: next hop closed, so every message stays queued.
-  smtp-source sends 2 KB then 100 KB messages; then the asyncio client
-  measures the end-of-DATA latency. Also: memory of the fresh instance and
-  CPU seconds per message (until the MTA is idle again, so the deferral of
-  each message is included).
+- ``accept_block``: delivery held (relayd: ``relayctl delivery pause``;
+  Postfix: access action ``HOLD``), so every message stays queued and
+  nothing is tried. smtp-source sends 2 KB then 100 KB messages with a new
+  connection per message, then 2 KB over kept sessions (``-d``); then the
+  asyncio client measures the end-of-DATA latency, both habits. Also:
+  memory of the fresh instance and CPU seconds per message (until the MTA
+  is idle again).
 - ``relay_block``: next hop an smtp-sink; the time from the first message
-  sent to the sink holding all of them.
+  sent to the sink holding all of them (new connection per message, then
+  2 KB over kept sessions).
 - ``idle_block``: N sessions held open after EHLO; memory of all the MTA's
   processes and how long a new client waits for its greeting.
 - ``durability``: relayd is SIGKILLed halfway through a load and restarted;
@@ -109,11 +112,13 @@ class Plan:
 RELAYD_PROCESSES: str | None = None
 
 
-def make(kind: str, root: Path, next_hop: int, smtpd_maxproc: int | None = 2000) -> MTA:
+def make(
+    kind: str, root: Path, next_hop: int, smtpd_maxproc: int | None = 2000, hold: bool = False
+) -> MTA:
     if kind == "relayd":
-        return Relayd(root, next_hop, processes=RELAYD_PROCESSES)
+        return Relayd(root, next_hop, processes=RELAYD_PROCESSES, hold=hold)
     if kind == "postfix":
-        return Postfix(root, next_hop, smtpd_maxproc=smtpd_maxproc)
+        return Postfix(root, next_hop, smtpd_maxproc=smtpd_maxproc, hold=hold)
     raise ValueError(kind)
 
 
@@ -150,10 +155,16 @@ def _memory(mta: MTA) -> dict[str, Any]:
 
 
 def _accept(
-    mta: MTA, size: int, count: int, sessions: int, cap: float | None, settle_limit: float
+    mta: MTA,
+    size: int,
+    count: int,
+    sessions: int,
+    cap: float | None,
+    settle_limit: float,
+    keep: bool = False,
 ) -> dict[str, Any]:
     before, cpu0 = mta.queued(), mta.cpu()
-    run = smtp_source(mta.port, sessions, count, size, _bound(cap, count, size))
+    run = smtp_source(mta.port, sessions, count, size, _bound(cap, count, size), keep)
     cpu_load = mta.cpu() - cpu0
     cpu_all = settle(mta, limit=settle_limit) - cpu0  # each message's deferral included
     queued = mta.queued() - before
@@ -161,6 +172,7 @@ def _accept(
         "messages": count,
         "size": size,
         "sessions": sessions,
+        "kept_sessions": keep,
         "capped": run.capped,
         "seconds": round(run.elapsed, 3),
         "rate": round(queued / run.elapsed, 1) if run.elapsed else 0.0,
@@ -174,7 +186,7 @@ def _accept(
     }
 
 
-def _latency(mta: MTA, plan: Plan, tag: str) -> dict[str, Any]:
+def _latency(mta: MTA, plan: Plan, tag: str, keep: bool = False) -> dict[str, Any]:
     res = asyncio.run(
         client.send_load(
             mta.port,
@@ -183,12 +195,14 @@ def _latency(mta: MTA, plan: Plan, tag: str) -> dict[str, Any]:
             size=SMALL,
             tag=tag,
             cap=plan.latency_cap,
+            per_message=not keep,
         )
     )
     lat = [x * 1000 for x in res.latencies]
     return {
         "messages": plan.latency,
         "sessions": plan.sessions,
+        "kept_sessions": keep,
         "size": SMALL,
         "capped": res.capped,
         "acked": len(res.acked),
@@ -204,7 +218,7 @@ def _latency(mta: MTA, plan: Plan, tag: str) -> dict[str, Any]:
 
 
 def accept_block(kind: str, root: Path, plan: Plan, run: int) -> dict[str, Any]:
-    mta = make(kind, root, next_hop=free_port())
+    mta = make(kind, root, next_hop=free_port(), hold=True)
     out: dict[str, Any] = {}
     try:
         mta.start()
@@ -216,7 +230,12 @@ def accept_block(kind: str, root: Path, plan: Plan, run: int) -> dict[str, Any]:
         out["accept_100k"] = _accept(
             mta, LARGE, plan.accept_large, plan.sessions, plan.accept_large_cap, plan.settle_limit
         )
+        out["accept_2k_keep"] = _accept(
+            mta, SMALL, plan.accept_small, plan.sessions, plan.accept_small_cap,
+            plan.settle_limit, keep=True,
+        )  # fmt: skip
         out["latency"] = _latency(mta, plan, f"lat{run}")
+        out["latency_keep"] = _latency(mta, plan, f"latk{run}", keep=True)
     finally:
         mta.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -229,13 +248,14 @@ def relay_block(kind: str, root: Path, plan: Plan) -> dict[str, Any]:
     mta = make(kind, root, next_hop=sink_port)
     try:
         mta.start()
-        for label, size, count, cap in (
-            ("relay_2k", SMALL, plan.relay_small, plan.relay_small_cap),
-            ("relay_100k", LARGE, plan.relay_large, plan.relay_large_cap),
+        for label, size, count, cap, keep in (
+            ("relay_2k", SMALL, plan.relay_small, plan.relay_small_cap, False),
+            ("relay_100k", LARGE, plan.relay_large, plan.relay_large_cap, False),
+            ("relay_2k_keep", SMALL, plan.relay_small, plan.relay_small_cap, True),
         ):
             if count:
                 sink = Sink(count, sink_port)
-                out[label] = _relay(mta, sink, size, count, plan.sessions, cap, plan)
+                out[label] = _relay(mta, sink, size, count, plan.sessions, cap, plan, keep)
     finally:
         mta.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -243,7 +263,14 @@ def relay_block(kind: str, root: Path, plan: Plan) -> dict[str, Any]:
 
 
 def _relay(
-    mta: MTA, sink: Sink, size: int, count: int, sessions: int, cap: float | None, plan: Plan
+    mta: MTA,
+    sink: Sink,
+    size: int,
+    count: int,
+    sessions: int,
+    cap: float | None,
+    plan: Plan,
+    keep: bool = False,
 ) -> dict[str, Any]:
     """Time from the first message sent to the last one in the sink.
 
@@ -255,7 +282,7 @@ def _relay(
     try:
         cpu0 = mta.cpu()
         start = time.perf_counter()
-        run = smtp_source(mta.port, sessions, count, size, _bound(cap, count, size))
+        run = smtp_source(mta.port, sessions, count, size, _bound(cap, count, size), keep)
         if run.capped:
             deadline = time.monotonic() + plan.drain_limit
             while mta.queued() and time.monotonic() < deadline:
@@ -274,6 +301,7 @@ def _relay(
         "messages": count,
         "size": size,
         "sessions": sessions,
+        "kept_sessions": keep,
         "capped": run.capped,
         "seconds": round(seconds, 3),
         "rate": round(received / seconds, 1) if seconds > 0 else 0.0,
