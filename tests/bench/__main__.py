@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import machine, mta, procs, report, scenarios
+from bench import extra, machine, mta, procs, report, scenarios
 from bench.scenarios import Plan
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,7 +65,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--only",
-        choices=("accept", "relay", "idle"),
+        choices=("accept", "relay", "idle", "api", "cluster"),
         action="append",
         help="run only these blocks (repeatable)",
     )
@@ -106,6 +106,10 @@ def _brief(name: str, r: dict[str, Any]) -> str:
             for k, v in r.items()
             if isinstance(v, dict)
         )
+    if name == "api":
+        return f"{r['rate']:.0f}/s ({r['cpu_ms_per_msg']:.2f} ms CPU)"
+    if name == "cluster":
+        return ", ".join(f"{k} {v['rate']:.0f}/s" for k, v in r.items() if isinstance(v, dict))
     if name == "idle":
         return (
             f"{r['established']}/{r['sessions_wanted']} sessions, "
@@ -127,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = replace(plan, runs=args.runs)
     kinds = ("relayd",) if args.relayd_only else scenarios.KINDS
     scenarios.RELAYD_PROCESSES = args.relayd_processes
-    blocks = tuple(args.only or ("accept", "relay", "idle"))
+    blocks = tuple(args.only or ("accept", "relay", "idle", "api", "cluster"))
+    smtp_blocks = tuple(b for b in blocks if b in ("accept", "relay", "idle"))
 
     signal.signal(signal.SIGTERM, _interrupt)
     procs.become_subreaper()
@@ -161,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             order = kinds if run % 2 == 0 else tuple(reversed(kinds))
             _say(f"run {run + 1}/{plan.runs} (order: {', '.join(order)})")
             one: dict[str, Any] = {"order": list(order), **{k: {} for k in kinds}}
-            for name in blocks:
+            for name in smtp_blocks:
                 for kind in order:
                     root = workdir / f"run{run}-{name}-{kind}"
                     if name == "accept":
@@ -182,6 +187,16 @@ def main(argv: list[str] | None = None) -> int:
                 workdir / "postfix-default", plan, smtpd_maxproc=None, probes=1,
                 parallel=plan.idle, handshake_timeout=3.0, greeting_timeout=3.0,
             )  # fmt: skip
+        # relayd only, once: the HTTP API beside SMTP, and nodes behind a balancer.
+        count = 300 if args.quick else 2000
+        if "api" in blocks:
+            _say("api: POST /v1/messages, 20 clients, delivery paused")
+            results["api"] = _block("api", "relayd", extra.api_block, workdir / "api", count)
+        if "cluster" in blocks:
+            _say("cluster: HAProxy (send-proxy-v2) in front of 1, 2 and 3 nodes sharing Redis")
+            results["cluster"] = _block(
+                "cluster", "relayd", extra.cluster_block, workdir / "cluster", count
+            )
         if not args.no_durability:
             _say("durability: SIGKILL relayd halfway through a load")
             results["durability"] = _block(
@@ -221,6 +236,22 @@ def render(results: dict[str, Any], plan: Plan) -> str:
                else f"got no greeting within {default['greeting_timeout_s']:g} s")
             + "."
         )  # fmt: skip
+    api = results.get("api")
+    if api and "error" not in api:
+        out.append(
+            f"HTTP API (relayd): {api['rate']:.0f} msg/s accepted over 20 kept connections, "
+            f"{api['cpu_ms_per_msg']:.2f} ms CPU per message (compare accept 2 KB above)."
+        )
+    nodes = results.get("cluster")
+    if nodes and "error" not in nodes:
+        out.append(
+            "Behind HAProxy, new connection per message: "
+            + ", ".join(
+                f"{k.replace('_', ' ')} {v['rate']:.0f} msg/s ({v['cpu_ms_per_msg']:.2f} ms CPU)"
+                for k, v in nodes.items()
+            )
+            + " (all nodes share this machine's cores)."
+        )
     dur = results.get("durability")
     if dur and "error" not in dur:
         out.append(
