@@ -249,3 +249,48 @@ def test_suppressed_recipient_is_refused(world: World) -> None:
     assert (status, code, enhanced) == (403, 550, "5.1.1")
     assert "suppressed" in answer.json()["error"]["message"]
     assert world.post(MESSAGE).status_code == 202  # others still go
+
+
+def test_an_app_sends_by_http_and_learns_of_the_bounce_by_webhook(tmp_path: Path) -> None:
+    """The whole story without SMTP on the app's side: POST, then a signed `bounced` event."""
+    import hashlib
+    import hmac
+
+    from support.webhook import WebhookReceiver
+
+    secret = tmp_path / "webhook.secret"
+    secret.write_text("s3cret-for-the-app\n")
+    port = free_port("127.0.0.2")
+    receiver = WebhookReceiver().start()
+    try:
+        with DNSServer() as dns, MXServer("127.0.0.2", port) as mx:
+            dns.add("example.org MX 10 mx.example.org", "mx.example.org A 127.0.0.2")
+            mx.reply_for("nobody@example.org", "550 5.1.1 no such user")
+            hook = (
+                f'[[webhook]]\nurl = "{receiver.url}"\nevents = ["bounced"]\n'
+                f'secret_file = "{secret}"\n'
+            )
+            w = make_world(tmp_path, dns, mx, hook)
+            with w.r:
+                w.r.start()
+                answer = w.post(dict(MESSAGE, to=["nobody@example.org"], cc=[], bcc=[]))
+                assert answer.status_code == 202, answer.text
+                qid = answer.json()["id"]
+                [request] = receiver.wait_for(lambda rs: len(rs) >= 1, timeout=30)
+                view = w.get(qid)
+        stamp, mac = (p.split("=", 1)[1] for p in request.headers["Relayd-Signature"].split(","))
+        expected = hmac.new(
+            b"s3cret-for-the-app", stamp.encode() + b"." + request.body, hashlib.sha256
+        ).hexdigest()
+        assert hmac.compare_digest(mac, expected)
+        event = request.json()
+        assert (event["event"], event["id"], event["recipient"]) == (
+            "bounced",
+            qid,
+            "nobody@example.org",
+        )
+        assert event["dsn"] == "5.1.1"
+        assert view.status_code == 200
+        assert view.json()["recipients"][0]["status"] == "bounced"
+    finally:
+        receiver.stop()
