@@ -294,3 +294,21 @@ def test_an_app_sends_by_http_and_learns_of_the_bounce_by_webhook(tmp_path: Path
         assert view.json()["recipients"][0]["status"] == "bounced"
     finally:
         receiver.stop()
+
+
+def test_api_over_https_with_the_tls_certificate(tmp_path: Path) -> None:
+    from support.certs import client_context
+
+    port = free_port("127.0.0.2")
+    with DNSServer() as dns, MXServer("127.0.0.2", port) as mx:
+        w = make_world(tmp_path, dns, mx, hold=True)
+        w.r.extra = w.r.extra.replace("[api]\n", "[api]\ntls = true\n")
+        w.r.write_config()
+        with w.r:
+            w.r.start()
+            https = w.api.replace("http://", "https://")
+            with httpx.Client(timeout=20, verify=client_context()) as http:
+                answer = http.post(f"{https}/v1/messages", auth=("app1", PASSWORD), json=MESSAGE)
+            assert answer.status_code == 202, answer.text
+            with pytest.raises(httpx.HTTPError):  # no clear-text HTTP on that port
+                w.post(MESSAGE)
