@@ -134,6 +134,7 @@ class Gate(asyncio.Protocol):
             server_side=True,
             ssl_handshake_timeout=self.handshake_timeout,
         )
+        layer.on_lost = self._release  # a no-op once a Session has the slot
         transport.set_protocol(layer)
         layer.connection_made(transport)
         if self._early:

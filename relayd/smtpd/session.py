@@ -155,6 +155,7 @@ class Session(SMTP):  # type: ignore[misc]
         self._raw_replies = True  # the greeting carries no enhanced code
         self._tls_version: str | None = None  # for metrics, once TLS is up
         self._connected = False
+        self._slot_released = False
         self._lost = False
         self.peer: tuple[str, int] | None = None  # the client a PROXY header named
         self._smtp_methods = {
@@ -264,10 +265,16 @@ class Session(SMTP):  # type: ignore[misc]
         self._lost = True
         if self._connected:
             self._connected = False
-            self.services.connections.release(self.client.ip)
+            self._release_slot()
             self.services.metrics.tls_used("in", self._tls_version)
             self._log_disconnect()
         super().connection_lost(error)
+
+    def _release_slot(self) -> None:
+        """Give the connection slot back, once (at QUIT, else when the connection ends)."""
+        if not self._slot_released:
+            self._slot_released = True
+            self.services.connections.release(self.client.ip)
 
     async def _handle_client(self) -> None:
         if self.refusal is not None:
@@ -499,6 +506,12 @@ class Session(SMTP):  # type: ignore[misc]
             return
         self._reset_transaction()
         await self.push("250 2.0.0 Ok")
+
+    async def smtp_QUIT(self, arg: str | None) -> None:
+        """The slot is free before the 221: a client reconnecting at once is not over its limit."""
+        if self._connected:
+            self._release_slot()
+        await super().smtp_QUIT(arg)
 
     async def smtp_NOOP(self, arg: str | None) -> None:
         await self.push("250 2.0.0 Ok")

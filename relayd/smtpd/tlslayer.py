@@ -11,12 +11,24 @@ still takes two records per read; silent connections cost 80 kB each.
 from __future__ import annotations
 
 import asyncio.sslproto as sslproto
+from collections.abc import Callable
 
 
 class TLSLayer(sslproto.SSLProtocol):
-    """SSLProtocol with a 32 KiB read buffer instead of 256 KiB."""
+    """SSLProtocol with a 32 KiB read buffer instead of 256 KiB.
+
+    ``on_lost`` runs as soon as the connection is gone, before asyncio tells
+    anyone waiting for the handshake, so a connection slot comes back
+    before the client can even reconnect.
+    """
 
     max_size = 32 * 1024
+    on_lost: Callable[[], None] | None = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.on_lost is not None:
+            self.on_lost()
+        super().connection_lost(exc)
 
 
 __all__ = ["TLSLayer"]
