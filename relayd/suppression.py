@@ -24,12 +24,11 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from relayd import workers
+from relayd import sqlitedb, workers
 from relayd.config import SuppressionConfig
 from relayd.log import event
 
@@ -99,14 +98,7 @@ class SuppressionList:
     def __init__(self, path: Path | str) -> None:
         self.path = str(path)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            self.path, timeout=5.0, isolation_level=None, check_same_thread=False
-        )
-        with self._lock:
-            self._db.execute("PRAGMA busy_timeout = 5000")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = FULL")
-            self._db.executescript(_SCHEMA)
+        self._db = sqlitedb.connect(self.path, _SCHEMA, timeout=5.0, synchronous="FULL")
 
     @classmethod
     def in_spool(cls, spool: Path) -> SuppressionList:
@@ -116,17 +108,8 @@ class SuppressionList:
         with self._lock:
             self._db.close()
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Cursor]:
-        with self._lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                yield cur
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-            cur.execute("COMMIT")
+    def _transaction(self) -> contextlib.AbstractContextManager[sqlite3.Cursor]:
+        return sqlitedb.transaction(self._lock, self._db)
 
     def lookup(self, address: str, now: float) -> Entry | None:
         with self._lock:

@@ -312,3 +312,17 @@ def test_api_over_https_with_the_tls_certificate(tmp_path: Path) -> None:
             assert answer.status_code == 202, answer.text
             with pytest.raises(httpx.HTTPError):  # no clear-text HTTP on that port
                 w.post(MESSAGE)
+
+
+def test_a_spool_that_cannot_be_written_is_503_and_nothing_is_queued(world: World) -> None:
+    queue, saved = world.r.spool / "queue", world.r.spool / "queue.saved"
+    queue.rename(saved)
+    queue.write_text("not a directory\n")  # a disk gone bad
+    try:
+        answer = world.post(MESSAGE)
+        assert error_of(answer) == (503, 451, "4.3.0")
+    finally:
+        queue.unlink()
+        saved.rename(queue)
+    assert world.mx.messages == []
+    assert world.post(MESSAGE).status_code == 202  # and it recovers

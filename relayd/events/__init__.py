@@ -46,13 +46,10 @@ Enqueue = Callable[[Envelope, bytes, Any], Awaitable[None]]
 
 def message_id_of(message: bytes) -> str | None:
     """The Message-ID of a stored message (its header block only), or None."""
+    from relayd.smtpd.content import split_header
     from relayd.smtpd.headers import message_id
 
-    end = message.find(b"\r\n\r\n")
-    if end < 0:
-        end = message.find(b"\n\n")
-    head = message if end < 0 else message[: end + 2]
-    found = message_id(head)
+    found = message_id(split_header(message, limit=1 << 20))
     return None if found == "<>" else found
 
 
@@ -157,11 +154,14 @@ class Outcomes:
         now = self._clock()
         tried = set(attempted)
         lapsed = {id(r) for r in expired}
-        msgid = message_id_of(data) if data else None
+        wanted = {kind for hook in config.webhooks for kind in hook.events}
+        msgid = message_id_of(data) if data and wanted else None
         own = env.is_bounce
         bodies: list[tuple[str, bytes]] = []
 
         def add(kind: str, rcpt: Recipient, next_attempt: float | None = None) -> None:
+            if kind not in wanted:  # no receiver asked: no JSON on every delivery
+                return
             body = event_body(kind, env.queue_id, rcpt.address, env.sender, msgid,
                               rcpt.dsn, rcpt.reply, next_attempt, now)  # fmt: skip
             bodies.append((kind, body))

@@ -19,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from relayd import sqlitedb
 
 DB_NAME = "events.db"
 MAX_EVENTS = 100_000
@@ -62,30 +64,14 @@ class Outbox:
         self.path = str(path)
         self.max_events = max_events
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            self.path, timeout=10.0, isolation_level=None, check_same_thread=False
-        )
-        with self._lock:
-            self._db.execute("PRAGMA busy_timeout = 10000")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = FULL")
-            self._db.executescript(_SCHEMA)
+        self._db = sqlitedb.connect(self.path, _SCHEMA, timeout=10.0, synchronous="FULL")
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Cursor]:
-        with self._lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                yield cur
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-            cur.execute("COMMIT")
+    def _transaction(self) -> contextlib.AbstractContextManager[sqlite3.Cursor]:
+        return sqlitedb.transaction(self._lock, self._db)
 
     def put(self, rows: Iterable[tuple[str, str, bytes]], now: float) -> int:
         """Store (url, event, body) rows, due now; returns how many old rows the bound dropped."""

@@ -175,12 +175,17 @@ class WebhookSender:
         if secret is not None:
             headers[SIGNATURE_HEADER] = signature(secret, body, int(self._clock()))
         try:
-            response = await self._client.post(hook.url, content=body, headers=headers)
+            # Streamed and never read: only the status matters, so a receiver that
+            # answers with a huge body costs relayd nothing.
+            async with self._client.stream(
+                "POST", hook.url, content=body, headers=headers
+            ) as response:
+                status = response.status_code
         except httpx.HTTPError as exc:
             return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        if 200 <= response.status_code < 300:
+        if 200 <= status < 300:
             return None
-        return f"HTTP {response.status_code}"
+        return f"HTTP {status}"
 
     async def _give_up(self, outbox: Outbox, row: Pending, problem: str) -> None:
         self._metrics.webhook_dropped.inc("expired")

@@ -47,11 +47,10 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from relayd import workers
+from relayd import sqlitedb, workers
 from relayd.config import AuthConfig
 from relayd.log import event
 from relayd.policy.ratelimit import client_key
@@ -133,31 +132,14 @@ class AuthLedger:
         self.path = str(path)
         self.limits = limits or Limits()
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            self.path, timeout=5.0, isolation_level=None, check_same_thread=False
-        )
-        with self._lock:
-            self._db.execute("PRAGMA busy_timeout = 5000")
-            if self.path != ":memory:":
-                self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = NORMAL")
-            self._db.executescript(_SCHEMA)
+        self._db = sqlitedb.connect(self.path, _SCHEMA, timeout=5.0, synchronous="NORMAL")
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Cursor]:
-        with self._lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                yield cur
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-            cur.execute("COMMIT")
+    def _transaction(self) -> contextlib.AbstractContextManager[sqlite3.Cursor]:
+        return sqlitedb.transaction(self._lock, self._db)
 
     def _expire(self, cur: sqlite3.Cursor, now: float) -> None:
         keep = max(self.limits.failure_window, self.limits.account_window)
