@@ -16,10 +16,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from relayd import sqlitedb
 from relayd.spool.model import Envelope
 
 KEEP = 7 * 86400.0
 DB_NAME = "api.db"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS finished (id TEXT PRIMARY KEY, user TEXT, left REAL, view TEXT);
+CREATE INDEX IF NOT EXISTS finished_left ON finished (left);
+"""
 _STATUS = {"pending": "queued", "deferred": "deferred", "sent": "delivered", "failed": "bounced"}
 
 
@@ -57,14 +62,7 @@ class Ledger:
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
-            db = sqlite3.connect(self.path, check_same_thread=False, timeout=5)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS finished "
-                "(id TEXT PRIMARY KEY, user TEXT, left REAL, view TEXT)"
-            )
-            db.execute("CREATE INDEX IF NOT EXISTS finished_left ON finished(left)")
-            self._db = db
+            self._db = sqlitedb.connect(str(self.path), _SCHEMA, timeout=5.0, synchronous="NORMAL")
         return self._db
 
     def record(self, env: Envelope) -> None:
@@ -72,12 +70,12 @@ class Ledger:
         now = self._clock()
         with self._lock:
             db = self._conn()
-            with db:
-                db.execute("DELETE FROM finished WHERE left < ?", (now - KEEP,))
-                db.execute(
-                    "INSERT OR REPLACE INTO finished VALUES (?, ?, ?, ?)",
-                    (env.queue_id, env.sasl_username, now, json.dumps(message_view(env))),
-                )
+        with sqlitedb.transaction(self._lock, db) as cur:
+            cur.execute("DELETE FROM finished WHERE left < ?", (now - KEEP,))
+            cur.execute(
+                "INSERT OR REPLACE INTO finished VALUES (?, ?, ?, ?)",
+                (env.queue_id, env.sasl_username, now, json.dumps(message_view(env))),
+            )
 
     def lookup(self, queue_id: str) -> tuple[str, dict[str, Any]] | None:
         """(user, view) of a finished message within the last 7 days."""
