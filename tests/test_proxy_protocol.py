@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -199,3 +200,18 @@ def test_proxy_protocol_without_proxy_from_is_a_config_error(tmp_path: Path) -> 
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert "proxy_from" in str(caught.value)
+
+
+def test_a_header_that_never_comes_is_cut_after_5_seconds(relayd: Relayd) -> None:
+    with relayd as r:
+        r.start()
+        port = r.proxy_port  # type: ignore[attr-defined]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"PROXY TCP4 203.0.113.7")  # and then nothing
+            started = time.monotonic()
+            with contextlib.suppress(ConnectionResetError):
+                assert s.recv(100) == b""
+            waited = time.monotonic() - started
+        assert proxy.HEADER_TIMEOUT - 0.5 < waited < proxy.HEADER_TIMEOUT + 2
+        assert "no header in time" in r.wait_log("PROXY protocol from")
+        assert r.stop() == 0
