@@ -49,6 +49,8 @@ DRAIN_TIMEOUT = 30.0
 RESPAWN_DELAY = 1.0
 METRICS_PREFIX = b"M "  # a line of session counters, not a queue id
 METRICS_EVERY = 1.0  # seconds between an acceptor's counter reports
+READY_LINE = b"R\n"  # the acceptor listens: the daemon may tell systemd it is ready
+READY_TIMEOUT = 30.0
 
 
 def worker_count(config: Config) -> int:
@@ -64,6 +66,7 @@ def worker_count(config: Config) -> int:
 class _Worker:
     proc: asyncio.subprocess.Process
     reader_task: asyncio.Task[None]
+    ready: asyncio.Event
     retiring: bool = False
 
 
@@ -80,8 +83,18 @@ class AcceptorPool:
     _watchers: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start(self, count: int, fds: dict[str, int]) -> None:
-        for _ in range(count):
-            await self._spawn(fds)
+        """Start ``count`` acceptors and wait until each listens (or gives up).
+
+        Waiting matters: until then the daemon alone serves every connection,
+        so READY=1 would promise systemd (and a load right after start) more
+        than is running. An acceptor that dies first is the watcher's job.
+        """
+        started = [await self._spawn(fds) for _ in range(count)]
+        waits = [asyncio.create_task(w.ready.wait()) for w in started]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=READY_TIMEOUT)
+            for task in pending:
+                task.cancel()
 
     async def replace(self, count: int, fds: dict[str, int]) -> None:
         """New acceptors for a new config; the old ones drain and exit."""
@@ -108,7 +121,7 @@ class AcceptorPool:
         for task in list(self._watchers):
             task.cancel()
 
-    async def _spawn(self, fds: dict[str, int]) -> None:
+    async def _spawn(self, fds: dict[str, int]) -> _Worker:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = _child_env(fds, theirs.fileno())
         try:
@@ -124,19 +137,29 @@ class AcceptorPool:
         finally:
             theirs.close()
         reader, writer = await asyncio.open_unix_connection(sock=mine)
-        worker = _Worker(proc, asyncio.create_task(self._read(proc.pid, reader, writer)))
+        ready = asyncio.Event()
+        worker = _Worker(proc, asyncio.create_task(self._read(proc.pid, reader, writer, ready)), ready)
         self.workers.append(worker)
         watcher = asyncio.create_task(self._watch(worker, fds))
         self._watchers.add(watcher)
         watcher.add_done_callback(self._watchers.discard)
         log.event("master", f"started acceptor process {proc.pid}")
+        return worker
 
     async def _read(
-        self, pid: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        pid: int,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        ready: asyncio.Event,
     ) -> None:
         """Queue ids, one per line; ``M {json}`` lines are the acceptor's session counters."""
         try:
             while line := await reader.readline():
+                if line == READY_LINE:
+                    ready.set()
+                    log.event("master", f"acceptor process {pid} ready")
+                    continue
                 if line.startswith(METRICS_PREFIX):
                     self._absorb(pid, line[len(METRICS_PREFIX) :])
                     continue
@@ -234,6 +257,7 @@ class Acceptor:
         loop.add_signal_handler(signal.SIGHUP, lambda: None)  # reload replaces us
         reader, self._writer = await asyncio.open_unix_connection(sock=self.master)
         await self.listeners.apply(self.config.listeners, inherited)
+        self._writer.write(READY_LINE)
         orphaned = asyncio.create_task(reader.read())  # EOF: the daemon is gone
         stop = asyncio.create_task(self._stop.wait())
         reporter = asyncio.create_task(self._report_metrics())

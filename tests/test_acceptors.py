@@ -98,6 +98,17 @@ def test_acceptors_share_the_work_and_everything_is_delivered(
     )
 
 
+def test_relayd_is_ready_only_once_every_acceptor_listens(
+    world: tuple[Relayd, MXServer],
+) -> None:
+    r, _ = world
+    log = r.log()
+    started = log.index("daemon started")
+    ready = [int(pid) for pid in re.findall(r"acceptor process (\d+) ready", log[:started])]
+    assert r.proc is not None
+    assert sorted(ready) == acceptor_pids(r.proc.pid)
+
+
 def test_a_dead_acceptor_is_replaced(world: tuple[Relayd, MXServer]) -> None:
     r, mx = world
     assert r.proc is not None

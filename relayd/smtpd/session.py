@@ -15,6 +15,7 @@ changes the rules under a client mid-conversation.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import ssl
@@ -25,6 +26,8 @@ from collections import Counter
 from typing import Any, TypeGuard
 
 from aiosmtpd.smtp import (
+    ALLOWED_BEFORE_STARTTLS,
+    BOGUS_LIMIT,
     SMTP,
     AuthResult,
     LoginPassword,
@@ -131,7 +134,6 @@ class Session(SMTP):  # type: ignore[misc]
         self.services = services
         self.listener = listener
         self.program = _PROGRAM[listener.mode] if listener.tls != "implicit" else "smtps/smtpd"
-        self.command_size_limits = _command_limits()
         self.client = ClientInfo(
             ip="", port=0, listener=listener.name, inbound=listener.mode == "inbound"
         )
@@ -158,9 +160,7 @@ class Session(SMTP):  # type: ignore[misc]
         self._slot_released = False
         self._lost = False
         self.peer: tuple[str, int] | None = None  # the client a PROXY header named
-        self._smtp_methods = {
-            name: _Counted(self, name, m) for name, m in self._smtp_methods.items()
-        }
+        self._deadline = 0.0  # the idle timeout's moment (loop time); see _reset_timeout
 
     def _smtp_init(
         self,
@@ -215,14 +215,22 @@ class Session(SMTP):  # type: ignore[misc]
         self._authenticator = None
         self._auth_callback = login_always_fail
         self._auth_required = auth_required
-        smtp, auth = _method_names(type(self))
-        self._auth_methods = {mech: _AuthMechAttr(getattr(self, name), True) for mech, name in auth}
-        self._handle_hooks = {
-            hook: getattr(handler, name) for hook, name in _hook_names(type(handler))
-        }
+        self._handle_hooks = _NO_HOOKS  # _NoHooks has none; aiosmtpd only reads it
         self._ehlo_hook_ver = None
         self._enforce_call_limit = False
-        self._smtp_methods = {command: getattr(self, name) for command, name in smtp}
+
+    # aiosmtpd builds these two tables in every session's __init__; relayd's
+    # command loop dispatches by name, so only HELP and AUTH ever ask, and
+    # they get them built on demand.
+    @functools.cached_property
+    def _smtp_methods(self) -> dict[str, Any]:
+        smtp, _ = _method_names(type(self))
+        return {command: getattr(self, name) for command, name in smtp}
+
+    @functools.cached_property
+    def _auth_methods(self) -> dict[str, _AuthMechAttr]:
+        _, auth = _method_names(type(self))
+        return {mech: _AuthMechAttr(getattr(self, name), True) for mech, name in auth}
 
     # ---- connection lifecycle -------------------------------------------
 
@@ -283,7 +291,111 @@ class Session(SMTP):  # type: ignore[misc]
             assert self.transport is not None
             self.transport.close()
             return
-        await super()._handle_client()
+        await self.push(f"220 {self.hostname} {self.__ident__}")
+        bogus = BOGUS_LIMIT
+        commands = _command_table(type(self))
+        while self.transport is not None:
+            try:
+                line = await self._read_command()
+                if line is None:
+                    await self.push("500 Command line too long")
+                    continue
+                name, arg, problem = self._parse_command(line)
+                if problem is not None:
+                    await self.push(problem)
+                    continue
+                method = commands.get(name)
+                if method is None:
+                    bogus -= 1
+                    if bogus < 1:
+                        await self.push("502 5.5.1 Too many unrecognized commands, goodbye.")
+                        self.transport.close()
+                        continue
+                    await self.push(f'500 Error: command "{name}" not recognized')
+                    continue
+                self._reset_timeout()
+                await self._run_counted(name, getattr(self, method), arg)
+            except (asyncio.CancelledError, ConnectionResetError):
+                self._writer.close()
+                raise
+            except Exception as error:
+                await self._command_failed(error)
+
+    async def _read_command(self) -> bytes | None:
+        """One command line without its CRLF; None for a line over the reader's limit.
+
+        aiosmtpd's loop, less its per-line debug logging (two sanitised
+        copies of every line, built even when nothing is logged).
+        """
+        try:
+            return (await self._reader.readuntil()).rstrip(b"\r\n")
+        except asyncio.LimitOverrunError as error:
+            await self._reader.read(error.consumed)
+            while True:  # read up to the end of the line before answering
+                try:
+                    await self._reader.readuntil()
+                    return None
+                except asyncio.LimitOverrunError as more:
+                    await self._reader.read(more.consumed)
+
+    def _parse_command(self, line: bytes) -> tuple[str, str | None, str | None]:
+        """(command, argument, refusal) as aiosmtpd decides them, the refusal None if fit to run."""
+        if not line:
+            return "", None, "500 Error: bad syntax"
+        command_bytes, _, arg_bytes = line.partition(b" ")
+        try:
+            name = command_bytes.upper().decode("ascii")
+        except UnicodeDecodeError:
+            return "", None, "500 Error: bad syntax"
+        # 8-bit arguments are kept (SMTPUTF8), surrogate-escaped so the bytes survive.
+        arg = str(arg_bytes.strip(), "utf-8", "surrogateescape") if arg_bytes else None
+        assert self.session is not None
+        limit = _COMMAND_LIMITS.get(name, 512) if self.session.extended_smtp else 512
+        if len(line) > limit:
+            return name, arg, "500 Command line too long"
+        if not self._tls_handshake_okay and name != "QUIT":
+            return name, arg, "554 Command refused due to lack of security"
+        if self.require_starttls and not self._tls_protocol and name not in ALLOWED_BEFORE_STARTTLS:
+            return name, arg, "530 Must issue a STARTTLS command first"
+        return name, arg, None
+
+    async def _command_failed(self, error: Exception) -> None:
+        """A command raised: say so (500), or end a session whose TLS set-up failed."""
+        if isinstance(error, TLSSetupException):
+            assert self.transport is not None
+            self.transport.close()
+            self.connection_lost(error)
+            return
+        log.event(
+            self.program,
+            f"error: {type(error).__name__} in {self._last_command()} "
+            f"from unknown[{self.client.ip}]",
+            level=logging.ERROR,
+            exc_info=True,
+            client_ip=self.client.ip,
+        )
+        await self.push(f"500 Error: ({type(error).__name__}) {error}")
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """Move the idle deadline; the timer is re-armed only when it fires or must fire sooner.
+
+        aiosmtpd cancels and creates a timer on every command and every
+        DATA chunk; a deadline checked when the timer fires costs one
+        float per command instead.
+        """
+        loop = self.loop
+        self._deadline = deadline = loop.time() + (duration or self._timeout_duration)
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or handle.when() > deadline:
+            if handle is not None:
+                handle.cancel()
+            self._timeout_handle = loop.call_at(deadline, self._timeout_due)
+
+    def _timeout_due(self) -> None:
+        if self.loop.time() < self._deadline:  # activity since: wait for the new deadline
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_due)
+            return
+        self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         assert self.session is not None
@@ -356,7 +468,8 @@ class Session(SMTP):  # type: ignore[misc]
             self._last_code = status[:3].decode("ascii", "replace")
             return
         text = printable(status if raw else _enhance(status))
-        await super().push(text)
+        self._writer.write(text.encode("ascii") + b"\r\n")  # printable: ASCII only
+        await self._writer.drain()
         self._last_code = text[:3]
         if text[:1] in ("4", "5") and not self._reject_logged and self.refusal is None:
             self._log_refused(text)
@@ -1034,28 +1147,6 @@ def _enhance(status: str) -> str:
     return f"{status[:4]}{enhanced} {status[4:]}"
 
 
-class _Counted:
-    """An ``smtp_*`` method as aiosmtpd calls it, counted and tracked by the session.
-
-    A small object rather than a closure with functools.wraps per command
-    and session (20 of them were built before each banner); attributes
-    such as aiosmtpd's ``__smtp_syntax__`` (HELP) come from the method.
-    """
-
-    __slots__ = ("_method", "_name", "_session")
-
-    def __init__(self, session: Session, name: str, method: Any) -> None:
-        self._session = session
-        self._name = name
-        self._method = method
-
-    def __call__(self, arg: str | None) -> Any:
-        return self._session._run_counted(self._name, self._method, arg)
-
-    def __getattr__(self, attr: str) -> Any:
-        return getattr(self._method, attr)
-
-
 _Names = tuple[tuple[str, str], ...]
 _METHOD_NAMES: dict[type, tuple[_Names, _Names]] = {}
 
@@ -1086,22 +1177,20 @@ def _find_method_names(cls: type) -> tuple[_Names, _Names]:
     return smtp, auth
 
 
-_HOOK_NAMES: dict[type, _Names] = {}
+_COMMAND_TABLES: dict[type, dict[str, str]] = {}
 
 
-def _hook_names(cls: type) -> _Names:
-    found = _HOOK_NAMES.get(cls)
-    if found is None:
-        found = _HOOK_NAMES[cls] = tuple(
-            (m.replace("handle_", ""), m) for m in dir(cls) if m.startswith("handle_")
-        )
-    return found
+def _command_table(cls: type) -> dict[str, str]:
+    """Command name to ``smtp_*`` method name, found once per class."""
+    table = _COMMAND_TABLES.get(cls)
+    if table is None:
+        table = _COMMAND_TABLES[cls] = dict(_method_names(cls)[0])
+    return table
 
 
-def _command_limits() -> Any:
-    from collections import defaultdict
-
-    return defaultdict(lambda: 512, {"MAIL": 1024, "RCPT": 1024, "AUTH": 2048})
+# Longest command line by command after EHLO (512 otherwise), as aiosmtpd allows them.
+_COMMAND_LIMITS = {"MAIL": 1024, "RCPT": 1024, "AUTH": 2048}
+_NO_HOOKS: dict[str, Any] = {}
 
 
 def writable(transport: object) -> TypeGuard[asyncio.WriteTransport]:
