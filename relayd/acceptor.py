@@ -138,7 +138,9 @@ class AcceptorPool:
             theirs.close()
         reader, writer = await asyncio.open_unix_connection(sock=mine)
         ready = asyncio.Event()
-        worker = _Worker(proc, asyncio.create_task(self._read(proc.pid, reader, writer, ready)), ready)
+        worker = _Worker(
+            proc, asyncio.create_task(self._read(proc.pid, reader, writer, ready)), ready
+        )
         self.workers.append(worker)
         watcher = asyncio.create_task(self._watch(worker, fds))
         self._watchers.add(watcher)

@@ -500,9 +500,7 @@ class UserDB:
         """
         path = Path(path)
         data = {
-            "users": {
-                name: _entry_table(entry) for name, entry in sorted(self._entries.items())
-            }
+            "users": {name: _entry_table(entry) for name, entry in sorted(self._entries.items())}
         }
         try:
             return _write_atomically(path, _HEADER + tomli_w.dumps(data), group)

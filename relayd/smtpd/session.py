@@ -223,12 +223,12 @@ class Session(SMTP):  # type: ignore[misc]
     # command loop dispatches by name, so only HELP and AUTH ever ask, and
     # they get them built on demand.
     @functools.cached_property
-    def _smtp_methods(self) -> dict[str, Any]:
+    def _smtp_methods(self) -> dict[str, Any]:  # type: ignore[override]
         smtp, _ = _method_names(type(self))
         return {command: getattr(self, name) for command, name in smtp}
 
     @functools.cached_property
-    def _auth_methods(self) -> dict[str, _AuthMechAttr]:
+    def _auth_methods(self) -> dict[str, _AuthMechAttr]:  # type: ignore[override]
         _, auth = _method_names(type(self))
         return {mech: _AuthMechAttr(getattr(self, name), True) for mech, name in auth}
 
