@@ -84,10 +84,15 @@ class _OneLine(logging.Filter):
 
     The traceback is folded into the message (its newlines escaped as
     ``\\n``): a traceback may quote a client's bytes, and one event stays
-    one line for the tools that read the log.
+    one line for the tools that read the log. The journald fields are
+    escaped too, for the journal handler (the only one that writes them).
     """
 
     _formatter = logging.Formatter()
+
+    def __init__(self, fields: bool) -> None:
+        super().__init__()
+        self.fields = fields
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.msg = printable(_message(record, self._formatter))
@@ -95,7 +100,7 @@ class _OneLine(logging.Filter):
         record.exc_info = None
         record.exc_text = None
         record.stack_info = None
-        fields = getattr(record, "journal_fields", None)
+        fields = getattr(record, "journal_fields", None) if self.fields else None
         if fields:
             record.journal_fields = {
                 key: printable(value) if isinstance(value, str | bytes) else value
@@ -129,10 +134,11 @@ def setup(level: str = "info", target: str = "auto") -> None:
 
         handler = systemd.journal_handler(required=target == "journald")
     missing_journal = handler is None and target == "journald"
+    fields = handler is not None
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_StderrFormatter(stderr_is_journal()))
-    handler.addFilter(_OneLine())
+    handler.addFilter(_OneLine(fields))
     root.addHandler(handler)
     root.propagate = False
     _adopt_foreign(handler)

@@ -10,6 +10,7 @@ since the next server might honour it and relay on our behalf.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 
@@ -22,13 +23,22 @@ RELAY_DENIED = Refuse(554, "5.7.1", "Relay access denied")
 
 def in_networks(ip: str, networks: Iterable[IPNetwork]) -> bool:
     """True when ``ip`` (IPv4, IPv6 or IPv4-mapped IPv6) is inside one of ``networks``."""
+    addr = _address(ip)
+    if addr is None:
+        return False
+    return any(addr.version == net.version and addr in net for net in networks)
+
+
+@functools.lru_cache(maxsize=4096)
+def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The parsed address (a mapped IPv4 as IPv4); cached: a session asks several times."""
     try:
         addr = ipaddress.ip_address(ip.split("%", 1)[0])
     except ValueError:
-        return False
+        return None
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return any(addr.version == net.version and addr in net for net in networks)
+        return addr.ipv4_mapped
+    return addr
 
 
 def may_relay(authenticated: bool, client_ip: str, networks: Iterable[IPNetwork]) -> bool:

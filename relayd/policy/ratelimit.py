@@ -21,6 +21,7 @@ session calls these from the event loop only.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 from collections import OrderedDict
@@ -37,8 +38,9 @@ LIMIT_NAMES = ("per_ip", "per_user", "per_sender_domain")
 _EPSILON = 1e-9
 
 
+@functools.lru_cache(maxsize=4096)
 def client_key(ip: str) -> str:
-    """The key a client is counted under: its IPv4 address, or its IPv6 /64."""
+    """The key a client is counted under: its IPv4 address, or its IPv6 /64 (cached)."""
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:
