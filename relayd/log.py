@@ -135,9 +135,13 @@ def setup(level: str = "info", target: str = "auto") -> None:
         handler = systemd.journal_handler(required=target == "journald")
     missing_journal = handler is None and target == "journald"
     fields = handler is not None
+    global _direct
+    _direct = None
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_StderrFormatter(stderr_is_journal()))
+        formatter = _StderrFormatter(stderr_is_journal())
+        handler.setFormatter(formatter)
+        _direct = _DirectLines(handler, formatter)
     handler.addFilter(_OneLine(fields))
     root.addHandler(handler)
     root.propagate = False
@@ -168,6 +172,42 @@ def _adopt_foreign(handler: logging.Handler) -> None:
     _foreign_handler = handler
 
 
+class _DirectLines:
+    """relayd's own events straight onto the stderr stream, in the formatter's shape.
+
+    A LogRecord, a filter pass and a format call cost more than the line
+    itself; an event of relayd's own (no traceback) carries nothing the
+    stream handler would use but its text, so it is escaped and written
+    here. Anything with a traceback, and every other library's record,
+    still goes through the handler.
+    """
+
+    def __init__(self, handler: logging.StreamHandler[Any], formatter: _StderrFormatter) -> None:
+        self.handler = handler
+        self.stream = handler.stream
+        self.journal_stream = formatter.journal_stream
+        self.pid = formatter.pid
+
+    def usable(self, logger: logging.Logger) -> bool:
+        """Only while this handler is the sole one (a test may add its own)."""
+        return not logger.handlers and logging.getLogger(ROOT).handlers == [self.handler]
+
+    def write(self, component: str, level: int, line: str) -> None:
+        program = f"{ROOT}/{component.replace('.', '/')}"
+        if self.journal_stream:
+            text = f"<{SYSLOG_PRIORITY.get(level, 6)}>{program}: {printable(line)}\n"
+        else:
+            text = f"{program}[{self.pid}]: {printable(line)}\n"
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):  # as the handler would: never break the caller
+            pass
+
+
+_direct: _DirectLines | None = None
+
+
 def set_level(level: str) -> None:
     logging.getLogger(ROOT).setLevel(_LEVELS.get(level, logging.INFO))
 
@@ -190,6 +230,10 @@ def event(
     if not logger.isEnabledFor(level):
         return
     line = f"{queue_id}: {text}" if queue_id else text
+    direct = _direct
+    if direct is not None and not exc_info and direct.usable(logger):
+        direct.write(component, level, line)
+        return
     journal = {k.upper(): v for k, v in fields.items() if v is not None and v != ""}
     if queue_id:
         journal["QUEUE_ID"] = queue_id
