@@ -57,6 +57,7 @@ NoticeKind = Literal["failure", "delay"]
 DEFAULT_RETRY = 300.0
 MAX_IDLE = 30.0  # look at the heap at least this often, so a clock step is noticed
 SPOOL_TIMEOUT = 120.0  # one spool read or write; a stuck disk must not stall a slot
+INLINE_READ_MAX = 64 * 1024  # messages up to this size are read on the event loop
 STOP_GRACE = 5.0  # after cancelling deliveries, time allowed to write their state
 EXPIRED_DSN = bounce.EXPIRED_DSN
 INTERRUPTED_DSN = "4.3.2"
@@ -79,6 +80,8 @@ class SpoolLike(Protocol):
 
 class OutcomesLike(Protocol):
     """What the scheduler tells relayd.events.Outcomes (webhook events, suppression)."""
+
+    def wants(self, env: Envelope, expired: list[Recipient], delayed: list[Recipient]) -> bool: ...
 
     async def settled(
         self,
@@ -501,15 +504,26 @@ class Scheduler:
             data = await asyncio.to_thread(self._spool.read_data, env.queue_id)
             return data, [self._returned(recipients)]
         try:
-            data = await asyncio.wait_for(
-                asyncio.to_thread(self._spool.read_data, env.queue_id), SPOOL_TIMEOUT
-            )
+            data = await self._read(env)
         except Exception as exc:
             reply = f"cannot read the queued message: {exc}"
             return b"", [self._local(recipients, LOCAL_ERROR_DSN, reply)]
         if self._stopping:
             return data, None
         return data, await self._deliver(env, data, recipients)
+
+    async def _read(self, env: Envelope) -> bytes:
+        """The queued message; a small one is read on the loop.
+
+        A message just accepted is in the page cache, and a read of a few
+        kilobytes costs less than handing it to a thread and back; a large
+        one (or a disk that hangs) is read in a thread, within SPOOL_TIMEOUT.
+        """
+        if env.size <= INLINE_READ_MAX:
+            return self._spool.read_data(env.queue_id)
+        return await asyncio.wait_for(
+            asyncio.to_thread(self._spool.read_data, env.queue_id), SPOOL_TIMEOUT
+        )
 
     async def _deliver(
         self, env: Envelope, data: bytes, recipients: list[str]
@@ -601,7 +615,7 @@ class Scheduler:
         data: bytes,
     ) -> None:
         """Events and suppression (relayd.events), before the new state is written."""
-        if self._outcomes is None:
+        if self._outcomes is None or not self._outcomes.wants(env, expired, delayed):
             return
         try:
             await asyncio.wait_for(

@@ -25,8 +25,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 from relayd import log
 from relayd.config import Config
@@ -132,8 +133,8 @@ class DeliveryAgent:
         groups, failed = await self._plan(recipients)
         for outcome, rcpts in failed:
             attempts += _attempts(rcpts, _Result(dict.fromkeys(rcpts, outcome)), started, t0)
-        results = await asyncio.gather(
-            *(self._deliver_group(envelope, data, g) for g in groups)
+        results = await _each(
+            [self._deliver_group(envelope, data, g) for g in groups]
         )  # _deliver_group turns every local failure into a deferral, never raises
         for group, result in zip(groups, results, strict=True):
             attempts += _attempts(group.recipients, result, started, t0)
@@ -163,11 +164,9 @@ class DeliveryAgent:
             if rcpt not in bad:
                 by_domain.setdefault(domain_of(rcpt), []).append(rcpt)
         domains = list(by_domain)
-        resolutions = await asyncio.gather(*(self._nexthops.resolve(d) for d in domains))
+        resolutions = await _each([self._nexthops.resolve(d) for d in domains])
         usable = [r for r in resolutions if r.failure is None and r.hops]
-        securities = await asyncio.gather(
-            *(self._security.for_domain(r.domain, r.hops) for r in usable)
-        )
+        securities = await _each([self._security.for_domain(r.domain, r.hops) for r in usable])
         security_of = {r.domain: s for r, s in zip(usable, securities, strict=True)}
         groups: dict[tuple[object, ...], _Group] = {}
         for domain, res in zip(domains, resolutions, strict=True):
@@ -401,3 +400,17 @@ def _attempts(recipients: list[str], result: _Result, started: float, t0: float)
         )
         for outcome, rcpts in by_outcome.items()
     ]
+
+
+T = TypeVar("T")
+
+
+async def _each(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """``asyncio.gather`` of ``coros``; one (the usual case: one domain) is awaited as it is.
+
+    gather wraps every coroutine in a task; for a single one that is a
+    task, a callback and a future per message for nothing.
+    """
+    if len(coros) == 1:
+        return [await coros[0]]
+    return list(await asyncio.gather(*coros))

@@ -139,6 +139,19 @@ class Outcomes:
         ]  # fmt: skip
         await self._store(bodies, envelope.queue_id)
 
+    def wants(self, env: Envelope, expired: list[Recipient], delayed: list[Recipient]) -> bool:
+        """Whether ``settled`` has anything to do: the scheduler skips it otherwise.
+
+        Without webhooks only a failed recipient (a candidate for the
+        suppression list) matters; a message delivered at once costs nothing.
+        """
+        config = self._config()
+        if config.webhooks:
+            return True
+        if not config.suppression.enabled:
+            return False
+        return bool(expired) or any(r.status == "failed" for r in env.recipients)
+
     async def settled(
         self,
         env: Envelope,

@@ -34,10 +34,13 @@ with 451 is never delivered.
 Later changes (``update``) go to state/ID.json by tmp + fdatasync + rename +
 fsync of state/; a crash leaves the old or the new state, never a mix, and
 the state file, when present, overrides the envelope in the queue file.
-``remove`` unlinks queue/ID, fsyncs queue/, and only then unlinks
-state/ID.json. A crash in between leaves a state file without its message,
-which recovery deletes; the opposite order could leave the message with its
-as-accepted envelope and deliver again to recipients already sent.
+``remove`` unlinks queue/ID and then state/ID.json, without a directory
+fsync (as Postfix): a crash right after may bring the message back, to be
+delivered again (at least once, never lost). The journal of ext4 or xfs
+keeps the two unlinks in order, so a crash in between leaves at worst a
+state file without its message, which recovery deletes; the opposite order
+could leave the message with its as-accepted envelope and deliver again to
+recipients already sent.
 
 At start ``recover`` empties tmp/, moves unreadable queue files (bad header,
 size that does not add up) to corrupt/ with a warning, deletes state files
@@ -569,10 +572,14 @@ class Spool:
     async def remove(self, queue_id: str) -> None:
         """Delete a message for good (KeyError if it was not there)."""
         self._check(queue_id)
+        # No directory fsync (Postfix syncs no removal either): a crash just
+        # after may bring the message back, and it is delivered again (at least
+        # once). The journal keeps the two unlinks in order, so the state file
+        # is never gone while its message is still there.
         found = await self._batched(
             _Op(
                 apply=functools.partial(_unlink_if_present, self._queue_path(queue_id)),
-                dirs=(self._queue,),
+                dirs=(),
                 after=functools.partial(_unlink_quiet, self._state_path(queue_id)),
             ),
             queue_id,
