@@ -19,13 +19,12 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relayd import __version__, dkim, log, porthold, systemd, workers
 from relayd import dns as relayd_dns
 from relayd.acceptor import AcceptorPool, worker_count
 from relayd.api.ledger import Ledger
-from relayd.api.server import ApiServer
 from relayd.cluster import wiring as cluster
 from relayd.config import Config, ConfigError, check_files, load_config
 from relayd.control.server import ControlServer
@@ -48,6 +47,9 @@ from relayd.smtpd.services import Services, server_tls_context
 from relayd.spool.model import Envelope
 from relayd.spool.store import Spool, Tail
 from relayd.users import UserStore
+
+if TYPE_CHECKING:
+    from relayd.api.server import ApiServer
 
 DRAIN_TIMEOUT = 30.0  # for clients in the middle of sending a message
 DELIVERY_GRACE = 0.5  # deliveries that finish this quickly are not cut
@@ -88,9 +90,7 @@ class Daemon:
         self.control = ControlServer(self)
         self.local = LocalSubmission(lambda: self.services)
         self.ledger = Ledger(config.spool.path)
-        self.api = ApiServer(
-            lambda: self.services, self.users, self.scheduler.envelope, self.ledger
-        )
+        self.api: ApiServer | None = None  # made at start if [api] address is set
         self.scheduler.on_removed = self._left_queue
         self.acceptors = AcceptorPool(
             config.source, self._announced, self._rescan, metrics=self.metrics
@@ -160,8 +160,7 @@ class Daemon:
         await self.control.start(self.config.control)
         await self.local.start(self.config.local.socket)
         await self.metrics_server.start(self.config.metrics.address)  # read at start only
-        api_tls = self.services.tls_context if self.config.api.tls else None
-        await self.api.start(self.config.api.address, api_tls)  # read at start only
+        await self._start_api()  # read at start only
         for sig, handler in (
             (signal.SIGTERM, self._stop.set),
             (signal.SIGINT, self._stop.set),
@@ -182,6 +181,18 @@ class Daemon:
         await self._stop.wait()
         await self._shutdown(tasks)
         return 0
+
+    async def _start_api(self) -> None:
+        """The HTTP API, if configured; aiohttp (about 20 MB) is loaded only then."""
+        if self.config.api.address is None:
+            return
+        from relayd.api.server import ApiServer
+
+        self.api = ApiServer(
+            lambda: self.services, self.users, self.scheduler.envelope, self.ledger
+        )
+        api_tls = self.services.tls_context if self.config.api.tls else None
+        await self.api.start(self.config.api.address, api_tls)
 
     async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
         systemd.stopping()
@@ -209,7 +220,8 @@ class Daemon:
         await self.control.stop()
         await self.local.stop()
         await self.metrics_server.stop()
-        await self.api.stop()
+        if self.api is not None:
+            await self.api.stop()
         await asyncio.gather(*self._ledger_writes, return_exceptions=True)
         for task in tasks:
             task.cancel()

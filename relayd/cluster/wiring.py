@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-from relayd.cluster.auth import SharedAuthGuard
-from relayd.cluster.limits import SharedRateLimiter
-from relayd.cluster.store import Store
 from relayd.config import Config
 from relayd.policy.authguard import AuthGuard
 from relayd.policy.ratelimit import RateLimiter
 
 
 def counters(config: Config) -> tuple[RateLimiter, AuthGuard]:
-    """With ``[cluster] redis``: counted across nodes (locally while it is down)."""
+    """With ``[cluster] redis``: counted across nodes (locally while it is down).
+
+    The Redis client (about 16 MB once imported) is loaded only when a
+    cluster is configured, so a single node does not carry it.
+    """
     local_guard = AuthGuard.in_spool(config.spool.path, config.auth)
     if config.cluster.redis is None:
         return RateLimiter(config.rate_limits), local_guard
+    from relayd.cluster.auth import SharedAuthGuard
+    from relayd.cluster.limits import SharedRateLimiter
+    from relayd.cluster.store import Store
+
     store = Store(config.cluster.redis)
     return SharedRateLimiter(config.rate_limits, store), SharedAuthGuard(local_guard, store)

@@ -35,12 +35,14 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import dns.asyncresolver
-import httpx
 
 from relayd import dns as rdns
+
+if TYPE_CHECKING:  # imported at the first fetch: memory at rest without MTA-STS
+    import httpx
 
 Mode = Literal["enforce", "testing", "none"]
 
@@ -278,6 +280,8 @@ class MTASTS:
             return Lookup(None, "no policy")
         if valid is not None and valid.policy_id == policy_id:
             return Lookup(valid.policy, "cached policy")
+        import httpx
+
         try:
             policy = await self.fetch(domain)
         except (PolicyError, OSError, httpx.HTTPError, rdns.DNSTempError) as exc:
@@ -297,6 +301,8 @@ class MTASTS:
         if not addresses:
             raise PolicyError(f"{host} has no address")
         last: Exception | None = None
+        import httpx
+
         async with httpx.AsyncClient(
             verify=self.tls, follow_redirects=False, timeout=FETCH_TIMEOUT, trust_env=False
         ) as client:

@@ -25,8 +25,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-import httpx
+from typing import TYPE_CHECKING
 
 from relayd import __version__
 from relayd.config import Config, Webhook
@@ -34,6 +33,9 @@ from relayd.events.outbox import Outbox, Pending
 from relayd.events.store import POOL, outbox_for
 from relayd.log import event
 from relayd.metrics import Metrics
+
+if TYPE_CHECKING:  # imported when the first webhook is configured (memory at rest)
+    import httpx
 
 RETRY = (10.0, 30.0, 60.0, 300.0, 900.0)
 THEN_EVERY = 3600.0
@@ -98,6 +100,8 @@ class WebhookSender:
         self._outbox = outbox_for(self._config().spool.path)
         self._metrics.webhook_backlog = lambda: self._backlog
         await POOL.run(self._outbox.release_claims, self._clock())
+        import httpx
+
         limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
         self._client = httpx.AsyncClient(
             timeout=TIMEOUT,
@@ -167,6 +171,8 @@ class WebhookSender:
     async def _post(self, hook: Webhook, body: bytes) -> str | None:
         """None when the receiver took the event (2xx), else why not."""
         assert self._client is not None
+        import httpx  # loaded by run() already
+
         headers = {"Content-Type": "application/json"}
         try:
             secret = read_secret(hook.secret_file)
