@@ -249,6 +249,7 @@ def render(results: dict[str, Any], plan: Plan) -> str:
             + ", ".join(
                 f"{k.replace('_', ' ')} {v['rate']:.0f} msg/s ({v['cpu_ms_per_msg']:.2f} ms CPU)"
                 for k, v in nodes.items()
+                if isinstance(v, dict)  # the block's own figures (its seconds) are not nodes
             )
             + " (all nodes share this machine's cores)."
         )
