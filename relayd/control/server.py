@@ -154,6 +154,8 @@ class ControlServer:
         }
 
     async def _cmd_flush(self, ids: list[str], request: dict[str, Any]) -> dict[str, Any]:
+        # An operator who flushes has usually just fixed the next hop: try it for real.
+        self.daemon.agent.revive_hops()
         domain = request.get("domain")
         if isinstance(domain, str) and domain:
             return {"ok": True, "done": self.daemon.scheduler.flush_domain(domain)}

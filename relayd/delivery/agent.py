@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 from relayd import log
 from relayd.config import Config
 from relayd.delivery.client import (
+    ConnectFailed,
     Endpoint,
     LoopsBack,
     Session,
@@ -43,6 +44,7 @@ from relayd.delivery.client import (
     open_session,
     tls_policy,
 )
+from relayd.delivery.deadhops import MAX_HOLD, DeadHops
 from relayd.delivery.nexthop import Hop, NextHops, Resolution, Resolver
 from relayd.delivery.reply import DeliveryError, Outcome
 from relayd.delivery.tlspolicy import DomainSecurity, SecurityLookup, hop_policy, testing_mismatch
@@ -120,6 +122,8 @@ class DeliveryAgent:
         self._max_messages = max_messages_per_session
         self._clock = clock
         self._idle: dict[_PoolKey, list[_Idle]] = {}
+        retry = config.delivery.retry
+        self._dead = DeadHops(hold=min(MAX_HOLD, retry[0] if retry else MAX_HOLD), clock=clock)
         self._closing: set[asyncio.Task[None]] = set()
 
     # -- public --------------------------------------------------------------
@@ -139,6 +143,10 @@ class DeliveryAgent:
         for group, result in zip(groups, results, strict=True):
             attempts += _attempts(group.recipients, result, started, t0)
         return attempts
+
+    def revive_hops(self) -> None:
+        """End every suspension (``relayctl queue flush``: the operator says try now)."""
+        self._dead = DeadHops(hold=self._dead.hold, clock=self._dead.clock)
 
     async def close(self) -> None:
         """Close every idle session (QUIT, briefly awaited)."""
@@ -221,7 +229,12 @@ class DeliveryAgent:
         user = credentials and credentials[0]
         key: _PoolKey = (hop.host.lower(), hop.port, policy, policy.name, user)
         session = await self._reuse(key)
+        if session is None and (dead := self._dead.reason(hop.host, hop.port)) is not None:
+            outcome = Outcome.temp("4.4.1", f"delivery temporarily suspended: {dead}")
+            errors.append(_HopError(outcome, hop.host, "", hop.port, policy.name))
+            return None
         addresses = [] if session is not None else hop.addresses
+        refused: list[str] = []
         for address in addresses:
             try:
                 session = await open_session(self._endpoint(hop, address, policy, credentials))
@@ -238,8 +251,13 @@ class DeliveryAgent:
                 return _Result(outcomes, hop.host, address, hop.port, None, policy.name)
             except SessionError as e:
                 errors.append(_HopError(e.outcome, hop.host, address, hop.port, policy.name))
+                if isinstance(e, ConnectFailed):
+                    refused.append(e.outcome.reply)
         if session is None:
+            if addresses and len(refused) == len(addresses):
+                self._dead.failed(hop.host, hop.port, refused[-1])
             return None
+        self._dead.alive(hop.host, hop.port)
         tls = session.tls_version  # as negotiated, even if the connection dies mid-message
         verified = session.verified
         self._log_testing(envelope, group.security, hop, session)

@@ -197,6 +197,10 @@ class SessionError(DeliveryError):
     """The session could not be set up or kept up: try the next address or MX."""
 
 
+class ConnectFailed(SessionError):
+    """The address refused the connection or did not answer it in time."""
+
+
 class LoopsBack(SessionError):
     """The next hop greeted us with our own hostname: the mail would come back to us."""
 
@@ -698,11 +702,11 @@ async def _connect(ep: Endpoint) -> Session:
         text = f"{ep.where}: TLS handshake failed: {_tls_error(e)}"
         raise SessionError(Outcome.temp("4.7.5", text)) from e
     except TimeoutError as e:
-        raise SessionError(Outcome.temp("4.4.1", f"connect to {ep.where}: timed out")) from e
+        raise ConnectFailed(Outcome.temp("4.4.1", f"connect to {ep.where}: timed out")) from e
     except OSError as e:
         # asyncio words it "Connect call failed (addr)"; say what the OS said.
         reason = os.strerror(e.errno) if e.errno else (str(e) or e.__class__.__name__)
-        raise SessionError(Outcome.temp("4.4.1", f"connect to {ep.where}: {reason}")) from e
+        raise ConnectFailed(Outcome.temp("4.4.1", f"connect to {ep.where}: {reason}")) from e
     return Session(ep, reader, writer)
 
 

@@ -37,11 +37,16 @@ class Router:
                 local.setdefault(route, []).append(rcpt)
             else:
                 remote.append(rcpt)
+        if not local:  # the usual case: no tasks to gather
+            return await self.smtp.deliver(envelope, data, remote) if remote else []
         jobs = [self._local(route, envelope, data, rcpts) for route, rcpts in local.items()]
         if remote:
             jobs.append(self.smtp.deliver(envelope, data, remote))
         results = await asyncio.gather(*jobs)
         return [attempt for attempts in results for attempt in attempts]
+
+    def revive_hops(self) -> None:
+        self.smtp.revive_hops()
 
     async def close(self) -> None:
         await self.smtp.close()
