@@ -149,3 +149,21 @@ def test_authentication_results_many_results_stay_parseable() -> None:
     assert text.startswith("Authentication-Results: mail.relayd.test; dkim=temperror")
     assert "dkim=neutral (not checked: 45 more signatures" in text
     assert len(re.findall(r"dkim=", text)) == 6
+
+
+CLAUSE_TEXT = st.lists(st.text(st.sampled_from("ab .[]():;-<>@x\t"), max_size=90), max_size=6).map(
+    "\t".join
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(CLAUSE_TEXT | WORDY_TEXT)
+def test_the_short_path_folds_exactly_as_the_general_one(value: str) -> None:
+    from unittest import mock
+
+    from relayd import fold as folding
+
+    quick = fold("Received", value)
+    with mock.patch.object(folding, "_fold_short", lambda text, width: None):
+        general = fold("Received", value)
+    assert quick == general

@@ -74,13 +74,25 @@ def received(info: TraceInfo, now: float | None = None) -> bytes:
     if info.tls_version:
         clauses.append(f"(using {info.tls_version} with cipher {info.tls_cipher})")
     clauses.append(f"by {info.hostname} (relayd) with {proto} id {info.queue_id}")
-    date = formatdate(now if now is not None else time.time(), localtime=False)
+    date = _trace_date(now if now is not None else time.time())
     if info.recipient:
         clauses.append(f"for <{info.recipient}>; {date}")
     else:
         clauses[-1] += ";"
         clauses.append(date)
     return fold("Received", "\t".join(clauses))  # a TAB: each clause on its own line
+
+
+_DATE: tuple[int, str] = (-1, "")
+
+
+def _trace_date(now: float) -> str:
+    """RFC 5322 date of ``now``, made once per second (every message of that second shares it)."""
+    global _DATE
+    second = int(now)
+    if _DATE[0] != second:
+        _DATE = (second, formatdate(second, localtime=False))
+    return _DATE[1]
 
 
 def _clean(text: str) -> str:

@@ -16,7 +16,8 @@ races an old one, a test) from colliding.
 
 from __future__ import annotations
 
-import secrets
+import os
+import random
 import threading
 import time
 
@@ -30,6 +31,11 @@ _INDEX = {c: i for i, c in enumerate(ALPHABET)}
 _clock = time.time_ns  # a seam for tests of clocks that stand still or step back
 _lock = threading.Lock()
 _last = 0
+# The random part only has to differ between processes, not to be secret: a
+# generator seeded from the kernel once per process costs no system call per
+# id (os.urandom did, on every message), and a forked child reseeds.
+_random = random.Random(os.urandom(16))
+os.register_at_fork(after_in_child=lambda: _random.seed(os.urandom(16)))
 
 
 def _encode(value: int) -> str:
@@ -53,7 +59,7 @@ def new_queue_id() -> str:
     Thread-safe: bounces may be created off the event loop.
     """
     global _last
-    fresh = (_clock() // 1_000_000) << _RANDOM_BITS | secrets.randbits(_RANDOM_BITS)
+    fresh = (_clock() // 1_000_000) << _RANDOM_BITS | _random.getrandbits(_RANDOM_BITS)
     with _lock:
         value = max(fresh, _last + 1) & _MAX
         _last = value
