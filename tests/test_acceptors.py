@@ -102,6 +102,7 @@ def test_relayd_is_ready_only_once_every_acceptor_listens(
     world: tuple[Relayd, MXServer],
 ) -> None:
     r, _ = world
+    wait_for(lambda: "daemon started" in r.log())  # logged right after READY=1
     log = r.log()
     started = log.index("daemon started")
     ready = [int(pid) for pid in re.findall(r"acceptor process (\d+) ready", log[:started])]
