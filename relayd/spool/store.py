@@ -84,11 +84,11 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from relayd.spool.handoff import Workers
 from relayd.spool.model import Envelope
 from relayd.spool.queueid import is_queue_id
 
@@ -345,8 +345,8 @@ class Spool:
         self._corrupt = str(self.root / "corrupt")
         self._pending: list[tuple[_Op, asyncio.Future[bool]]] = []
         self._committer: asyncio.Task[None] | None = None
-        self._writers: ThreadPoolExecutor | None = None
-        self._syncer: ThreadPoolExecutor | None = None
+        self._writers: Workers | None = None
+        self._syncer: Workers | None = None
         self._background: set[asyncio.Future[None]] = set()
 
     # -- setup and recovery
@@ -603,27 +603,26 @@ class Spool:
             await asyncio.gather(*self._background, return_exceptions=True)
         for pool in (self._writers, self._syncer):
             if pool is not None:
-                pool.shutdown(wait=False)
+                pool.shutdown()
         self._writers = self._syncer = None
 
     # -- machinery
 
-    def _writers_pool(self) -> ThreadPoolExecutor:
+    def _writers_pool(self) -> Workers:
         if self._writers is None:
-            self._writers = ThreadPoolExecutor(_WRITE_THREADS, "relayd-spool-write")
+            self._writers = Workers(_WRITE_THREADS, "relayd-spool-write")
         return self._writers
 
-    def _syncers(self) -> ThreadPoolExecutor:
+    def _syncers(self) -> Workers:
         if self._syncer is None:
-            self._syncer = ThreadPoolExecutor(1, "relayd-spool-commit")
+            self._syncer = Workers(1, "relayd-spool-commit")
         return self._syncer
 
     async def _write(
         self, path: str, parts: Sequence[bytes], qid: str, tail: Tail | None = None
     ) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._writers_pool(), _write_file, path, parts, tail)
+            await self._writers_pool().run(_write_file, path, parts, tail)
         except OSError as e:
             raise SpoolError(f"{qid}: cannot write to the spool: {e.strerror or e}") from e
         self.stats.file_syncs += 1
@@ -642,11 +641,10 @@ class Spool:
 
     async def _run_committer(self) -> None:
         """Drain the pending ops in batches: whatever arrived during one fsync forms the next."""
-        loop = asyncio.get_running_loop()
         while self._pending:
             batch, self._pending = self._pending, []
             ops = [op for op, _ in batch]
-            done = loop.run_in_executor(self._syncers(), _run_batch, ops)
+            done = self._syncers().submit(_run_batch, ops)
             cancelled = await _wait_through_cancel(done)
             self.stats.batches += 1
             self.stats.dir_syncs += done.result() if not done.exception() else 0

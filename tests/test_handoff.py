@@ -1,0 +1,64 @@
+"""The spool's worker threads: results, errors and cancellation as run_in_executor gives them."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from relayd.spool.handoff import Workers
+
+
+def test_results_and_errors_reach_the_awaiter_from_a_bounded_number_of_threads() -> None:
+    workers = Workers(3, "test")
+    seen: set[str] = set()
+    gate = threading.Event()
+
+    def job(i: int) -> int:
+        seen.add(threading.current_thread().name)
+        gate.wait(5)
+        return i * 2
+
+    def fail() -> None:
+        raise OSError(5, "Input/output error")
+
+    async def scenario() -> list[int]:
+        jobs = [asyncio.ensure_future(workers.run(job, i)) for i in range(10)]
+        await asyncio.sleep(0.1)
+        gate.set()
+        with pytest.raises(OSError, match="Input/output"):
+            await workers.run(fail)
+        return list(await asyncio.gather(*jobs))
+
+    try:
+        assert asyncio.run(asyncio.wait_for(scenario(), 10)) == [i * 2 for i in range(10)]
+    finally:
+        workers.shutdown()
+    assert 1 <= len(seen) <= 3
+
+
+def test_a_cancelled_awaiter_does_not_stop_the_job() -> None:
+    workers = Workers(1, "test")
+    started, finish, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def job() -> None:
+        started.set()
+        finish.wait(5)
+        finished.set()
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(workers.run(job))
+        await asyncio.to_thread(started.wait, 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        finish.set()
+        # The next job runs after it on the one thread: the first one did finish.
+        await workers.run(lambda: None)
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 10))
+    finally:
+        workers.shutdown()
+    assert finished.is_set()
