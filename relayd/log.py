@@ -57,10 +57,13 @@ class _StderrFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         program = record.name.replace(".", "/") if _ours(record) else ROOT
-        text = printable(_message(record, self))
+        return self.line(program, record.levelno, _message(record, self))
+
+    def line(self, program: str, level: int, text: str) -> str:
+        """One log line, ``text`` escaped: the shape of both the handler and _DirectLines."""
         if self.journal_stream:
-            return f"<{SYSLOG_PRIORITY.get(record.levelno, 6)}>{program}: {text}"
-        return f"{program}[{self.pid}]: {text}"
+            return f"<{SYSLOG_PRIORITY.get(level, 6)}>{program}: {printable(text)}"
+        return f"{program}[{self.pid}]: {printable(text)}"
 
 
 def _ours(record: logging.LogRecord) -> bool:
@@ -185,19 +188,16 @@ class _DirectLines:
     def __init__(self, handler: logging.StreamHandler[Any], formatter: _StderrFormatter) -> None:
         self.handler = handler
         self.stream = handler.stream
-        self.journal_stream = formatter.journal_stream
-        self.pid = formatter.pid
+        self.formatter = formatter
+        self.root = logging.getLogger(ROOT)
 
     def usable(self, logger: logging.Logger) -> bool:
         """Only while this handler is the sole one (a test may add its own)."""
-        return not logger.handlers and logging.getLogger(ROOT).handlers == [self.handler]
+        return not logger.handlers and self.root.handlers == [self.handler]
 
     def write(self, component: str, level: int, line: str) -> None:
         program = f"{ROOT}/{component.replace('.', '/')}"
-        if self.journal_stream:
-            text = f"<{SYSLOG_PRIORITY.get(level, 6)}>{program}: {printable(line)}\n"
-        else:
-            text = f"{program}[{self.pid}]: {printable(line)}\n"
+        text = self.formatter.line(program, level, line) + "\n"
         try:
             self.stream.write(text)
             self.stream.flush()

@@ -62,3 +62,21 @@ def test_a_cancelled_awaiter_does_not_stop_the_job() -> None:
     finally:
         workers.shutdown()
     assert finished.is_set()
+
+
+def test_the_threads_end_once_nobody_holds_the_workers() -> None:
+    import gc
+
+    workers = Workers(2, "handoff-gc")
+
+    async def one(pool: Workers) -> None:
+        await pool.run(lambda: None)
+
+    asyncio.run(one(workers))
+    threads = [t for t in threading.enumerate() if t.name.startswith("handoff-gc")]
+    assert threads
+    del workers
+    gc.collect()
+    for thread in threads:
+        thread.join(5)
+    assert not any(t.is_alive() for t in threads)

@@ -146,7 +146,7 @@ class DeliveryAgent:
 
     def revive_hops(self) -> None:
         """End every suspension (``relayctl queue flush``: the operator says try now)."""
-        self._dead = DeadHops(hold=self._dead.hold, clock=self._dead.clock)
+        self._dead.clear()
 
     async def close(self) -> None:
         """Close every idle session (QUIT, briefly awaited)."""

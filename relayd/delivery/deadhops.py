@@ -59,6 +59,10 @@ class DeadHops:
         """A session got through: the hop is tried normally again."""
         self._until.pop((host.lower(), port), None)
 
+    def clear(self) -> None:
+        """End every suspension (``relayctl queue flush``: the operator says try now)."""
+        self._until.clear()
+
     def _forget_expired(self) -> None:
         now = self.clock()
         for key in [k for k, (until, _) in self._until.items() if until <= now]:

@@ -224,8 +224,8 @@ class Session(SMTP):  # type: ignore[misc]
     # they get them built on demand.
     @functools.cached_property
     def _smtp_methods(self) -> dict[str, Any]:  # type: ignore[override]
-        smtp, _ = _method_names(type(self))
-        return {command: getattr(self, name) for command, name in smtp}
+        table = _command_table(type(self))
+        return {command: getattr(self, name) for command, name in table.items()}
 
     @functools.cached_property
     def _auth_methods(self) -> dict[str, _AuthMechAttr]:  # type: ignore[override]

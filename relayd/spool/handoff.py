@@ -10,7 +10,12 @@ semaphore and a chain of callbacks; here a job is a tuple on a
 
 Semantics are run_in_executor's: the call runs even if its awaiter is
 cancelled (the spool relies on that: a commit in flight is finished and
-then undone, never half done), and its exception reaches the awaiter.
+then undone, never half done), and its exception reaches the awaiter; the
+threads end once their owner is garbage-collected, as a
+ThreadPoolExecutor's do. relayd.workers.Pool stays the pool for work that
+sessions hand off under hostile load (its queue is bounded); the spool's
+jobs are bounded already by the sessions and the scheduler that wait on
+them.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import asyncio
 import contextlib
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -40,6 +46,9 @@ class Workers:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._in_flight = 0  # changed on the submitting loop only
+        # The threads hold only the queue and a weak reference: when nobody
+        # holds this object any more, they are told to end.
+        self._stop = weakref.finalize(self, _stop_threads, self._jobs, self._threads)
 
     def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Run ``fn(*args)`` in a worker; the future settles on the caller's loop."""
@@ -51,7 +60,7 @@ class Workers:
         self._jobs.put((loop, future, fn, args))
         return future
 
-    def _done(self, future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    def done(self, future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
         """On the loop: one job fewer in flight, and its outcome to the awaiter."""
         self._in_flight -= 1
         _settle(future, result, error)
@@ -61,27 +70,41 @@ class Workers:
 
     def shutdown(self) -> None:
         """Let every thread finish its job and end (without waiting for them)."""
-        for _ in self._threads:
-            self._jobs.put(None)
-        self._threads = []
+        self._stop()
 
     def _start_thread(self) -> None:
         name = f"{self._name}_{len(self._threads)}"
-        thread = threading.Thread(target=self._work, name=name, daemon=True)
+        thread = threading.Thread(
+            target=_work, args=(self._jobs, weakref.ref(self)), name=name, daemon=True
+        )
         self._threads.append(thread)
         thread.start()
 
-    def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            loop, future, fn, args = job
-            error: BaseException | None = None
-            result: Any = None
-            try:
-                result = fn(*args)
-            except BaseException as exc:  # handed to the awaiter, as run_in_executor does
-                error = exc
-            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-                loop.call_soon_threadsafe(self._done, future, result, error)
+
+def _work(jobs: queue.SimpleQueue[_Job | None], owner: weakref.ref[Workers]) -> None:
+    while (job := jobs.get()) is not None:
+        _run_one(job, owner)
+        del job  # hold nothing of the last job while waiting for the next
+
+
+def _run_one(job: _Job, owner: weakref.ref[Workers]) -> None:
+    loop, future, fn, args = job
+    error: BaseException | None = None
+    result: Any = None
+    try:
+        result = fn(*args)
+    except BaseException as exc:  # handed to the awaiter, as run_in_executor does
+        error = exc
+    workers = owner()
+    settle = workers.done if workers is not None else _settle
+    with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+        loop.call_soon_threadsafe(settle, future, result, error)
+
+
+def _stop_threads(jobs: queue.SimpleQueue[_Job | None], threads: list[threading.Thread]) -> None:
+    for _ in threads:
+        jobs.put(None)
+    threads.clear()
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
