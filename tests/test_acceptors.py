@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from support.dnsserver import DNSServer
 from support.mxserver import MXServer
 from support.ports import free_port
 from support.relayd_proc import Relayd, send
+from support.waiting import wait_for
 
 MSG = b"From: alice@sender.test\r\nSubject: acceptors\r\n\r\nbody\r\n"
 
@@ -39,15 +39,6 @@ def acceptor_pids(daemon_pid: int) -> list[int]:
         if ppid == daemon_pid and b"relayd.acceptor" in cmdline:
             pids.append(int(entry.name))
     return sorted(pids)
-
-
-def wait_for(check: object, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
-            return
-        time.sleep(0.1)
-    raise TimeoutError("condition not met in time")
 
 
 @pytest.fixture

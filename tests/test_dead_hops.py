@@ -7,11 +7,11 @@ whose route points at a closed loopback port, which later opens.
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 from support.mxserver import MXServer
 from support.relayd_proc import Relayd, send
+from support.waiting import wait_for
 
 from relayd.delivery.deadhops import MAX_ENTRIES, DeadHops
 
@@ -70,15 +70,6 @@ def _deferrals(r: Relayd, qids: list[str]) -> dict[str, str]:
     return found
 
 
-def _wait(check: object, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
-            return
-        time.sleep(0.1)
-    raise TimeoutError("condition not met in time")
-
-
 def test_a_backlog_for_a_refusing_hop_costs_one_connection_attempt(tmp_path: Path) -> None:
     r = Relayd(tmp_path, extra='[delivery]\nretry = ["1m"]\n')
     with r:
@@ -88,7 +79,7 @@ def test_a_backlog_for_a_refusing_hop_costs_one_connection_attempt(tmp_path: Pat
             s.ehlo("client.test")
             for i in range(5):
                 qids.append(send(s, "a@sender.test", [f"u{i}@example.org"], MSG))
-        _wait(lambda: len(_deferrals(r, qids)) == len(qids))
+        wait_for(lambda: len(_deferrals(r, qids)) == len(qids), 20.0)
         reasons = _deferrals(r, qids)
         tried = [q for q, why in reasons.items() if why.startswith("connect to")]
         suspended = [q for q, why in reasons.items() if "delivery temporarily suspended" in why]
@@ -107,7 +98,7 @@ def test_flush_tries_a_suspended_hop_at_once(tmp_path: Path) -> None:
         with r.smtp("inbound") as s:
             s.ehlo("client.test")
             qid = send(s, "a@sender.test", ["bob@example.org"], MSG)
-        _wait(lambda: qid in _deferrals(r, [qid]))
+        wait_for(lambda: qid in _deferrals(r, [qid]), 20.0)
         with MXServer("127.0.0.1", r.dead_port) as mx:
             # Within the suspension a flush (the operator fixed the next hop) delivers.
             r.ctl("queue", "flush")

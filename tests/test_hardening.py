@@ -25,6 +25,7 @@ from support.dnsserver import DNSServer
 from support.mxserver import MXServer
 from support.ports import free_port
 from support.relayd_proc import Relayd, raw_session, send
+from support.waiting import wait_for
 
 MSG = b"From: alice@example.com\r\nSubject: x\r\n\r\nbody\r\n"
 
@@ -33,15 +34,6 @@ def queued(r: Relayd) -> set[str]:
     out = r.ctl("--json", "queue")
     assert out.returncode == 0, out.stderr
     return {m["queue_id"] for m in json.loads(out.stdout)["messages"]}
-
-
-def wait_until(check: object, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
-            return
-        time.sleep(0.1)
-    raise TimeoutError("condition not met in time")
 
 
 def test_reload_applies_delivery_settings(tmp_path: Path) -> None:
@@ -64,7 +56,7 @@ def test_reload_applies_delivery_settings(tmp_path: Path) -> None:
             assert r.ctl("queue", "flush").returncode == 0
             [got] = mx.wait_for_messages(1)
             assert got.rcpt_tos == ["bob@example.org"]
-            wait_until(lambda: qid not in queued(r))
+            wait_for(lambda: qid not in queued(r))
             assert r.stop() == 0
 
 
@@ -97,7 +89,7 @@ def test_deleted_messages_stay_deleted(tmp_path: Path) -> None:
         with r.smtp("inbound") as s:
             s.ehlo("client.test")
             ids = [send(s, "a@sender.test", [f"u{i}@relay.test"], MSG) for i in range(30)]
-        wait_until(lambda: r.log().count("status=deferred") >= 30)
+        wait_for(lambda: r.log().count("status=deferred") >= 30)
         for _ in range(3):  # delete while the flushed attempts settle
             assert r.ctl("queue", "flush").returncode == 0
             r.ctl("queue", "delete", "--all")
@@ -190,7 +182,7 @@ def test_stalled_starttls_handshake_frees_its_slot(tmp_path: Path) -> None:
             with raw_session(r.port("inbound")) as again:
                 return again.reply().startswith("220")
 
-        wait_until(fresh_greeting, timeout=5)
+        wait_for(fresh_greeting, timeout=5)
         assert r.stop() == 0
 
 
