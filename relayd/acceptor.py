@@ -11,6 +11,18 @@ socketpair. The daemon reads it, loads the envelope from the spool and
 gives it to the one scheduler: delivery, relayctl and the queue stay with
 a single owner, as Postfix's smtpd processes feed one qmgr.
 
+Connection counts and rate limits are counted by every process in one
+shared segment (relayd.policy.shared_counts), so SPEC §7's limits hold for
+relayd as a whole. Each acceptor counts in its own column of it, which the
+daemon clears once that acceptor has exited.
+
+With ``processes = "auto"`` (the default) acceptors are started on demand,
+as Postfix's master starts smtpd processes: the daemon alone serves a quiet
+host, and starts an acceptor (up to one per further core) when its own CPU
+stays busy (:func:`wants_acceptor`); an acceptor with no session and
+almost no CPU for a minute leaves (:func:`wants_to_leave`). A number
+instead of "auto" keeps exactly that many processes running.
+
 If an acceptor dies, the daemon starts another and rescans the spool once,
 so a message committed just before the crash but never announced is not
 left waiting for a restart. On reload the acceptors are replaced (new
@@ -28,7 +40,9 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +50,7 @@ from relayd import log
 from relayd.cluster import wiring as cluster
 from relayd.config import Config, ConfigError, load_config
 from relayd.metrics import Metrics
-from relayd.policy import ratelimit
+from relayd.policy.shared_counts import COLUMNS, SharedConnectionCounter, SharedCounts
 from relayd.smtpd.listener import Listeners
 from relayd.smtpd.services import Services
 from relayd.spool.model import Envelope
@@ -45,18 +59,69 @@ from relayd.users import UserStore
 
 ENV_FDS = "RELAYD_ACCEPTOR_FDS"  # "name=fd,name=fd": the listening sockets
 ENV_MASTER = "RELAYD_ACCEPTOR_MASTER"  # fd of this acceptor's end of the socketpair
+ENV_COUNTS = "RELAYD_ACCEPTOR_COUNTS"  # "fd:column": the shared counts and this process's column
+ENV_ON_DEMAND = "RELAYD_ACCEPTOR_ON_DEMAND"  # "1": leave when idle (processes = "auto")
 DRAIN_TIMEOUT = 30.0
 RESPAWN_DELAY = 1.0
 METRICS_PREFIX = b"M "  # a line of session counters, not a queue id
 METRICS_EVERY = 1.0  # seconds between an acceptor's counter reports
 READY_LINE = b"R\n"  # the acceptor listens: the daemon may tell systemd it is ready
 READY_TIMEOUT = 30.0
+LEAVING_LINE = b"Q\n"  # an on-demand acceptor leaves, idle: not to be replaced
+
+# On demand ("auto"): the daemon samples its own CPU every LOAD_SAMPLE seconds
+# and starts an acceptor once BUSY_SAMPLES samples in a row were at least
+# BUSY_CPU busy (all its threads together: one full core is 1.0).
+LOAD_SAMPLE = 0.5
+BUSY_SAMPLES = 2
+BUSY_CPU = 0.8
+# An on-demand acceptor leaves after IDLE_SAMPLES samples of IDLE_SAMPLE
+# seconds each below IDLE_CPU, with no session open at the last of them.
+IDLE_SAMPLE = 5.0
+IDLE_SAMPLES = 12
+IDLE_CPU = 0.05
 
 
 def worker_count(config: Config) -> int:
-    """Acceptor processes to start besides the daemon itself."""
+    """Acceptor processes at most besides the daemon itself."""
     wanted = config.server.processes or (os.cpu_count() or 1)
     return max(0, wanted - 1)
+
+
+def on_demand(config: Config) -> bool:
+    """``processes = "auto"``: acceptors come with load and go with it."""
+    return config.server.processes == 0
+
+
+def wants_acceptor(busy: Sequence[float], running: int, limit: int) -> bool:
+    """Start one more acceptor? ``busy``: the daemon's latest CPU samples (1.0 = a core)."""
+    recent = list(busy)[-BUSY_SAMPLES:]
+    return running < limit and len(recent) == BUSY_SAMPLES and min(recent) >= BUSY_CPU
+
+
+def wants_to_leave(busy: Sequence[float], sessions: int) -> bool:
+    """May an on-demand acceptor go? Only idle, and only with nobody connected."""
+    recent = list(busy)[-IDLE_SAMPLES:]
+    return sessions == 0 and len(recent) == IDLE_SAMPLES and max(recent) < IDLE_CPU
+
+
+class CpuSampler:
+    """This process's CPU use (all threads) per wall-clock second since the last sample."""
+
+    def __init__(self, keep: int) -> None:
+        self.samples: deque[float] = deque(maxlen=keep)
+        self._cpu, self._wall = time.process_time(), time.monotonic()
+
+    def sample(self) -> deque[float]:
+        cpu, wall = time.process_time(), time.monotonic()
+        if wall > self._wall:
+            self.samples.append((cpu - self._cpu) / (wall - self._wall))
+        self._cpu, self._wall = cpu, wall
+        return self.samples
+
+    def clear(self) -> None:
+        self.samples.clear()
+        self._cpu, self._wall = time.process_time(), time.monotonic()
 
 
 # ---- the daemon's side -------------------------------------------------------------
@@ -67,6 +132,7 @@ class _Worker:
     proc: asyncio.subprocess.Process
     reader_task: asyncio.Task[None]
     ready: asyncio.Event
+    column: int
     retiring: bool = False
 
 
@@ -77,29 +143,61 @@ class AcceptorPool:
     config_path: Path
     on_queued: Callable[[str], None]
     on_lost: Callable[[], None]
+    shared: SharedCounts | None = None
     metrics: Metrics | None = None
     workers: list[_Worker] = field(default_factory=list)
     _stopping: bool = False
     _watchers: set[asyncio.Task[None]] = field(default_factory=set)
+    _columns: set[int] = field(default_factory=set)  # in use by a live acceptor
+    _on_demand: bool = False
+    _limit: int = 0
+    _fds: dict[str, int] = field(default_factory=dict)
+    _load_task: asyncio.Task[None] | None = None
 
-    async def start(self, count: int, fds: dict[str, int]) -> None:
+    async def start(self, count: int, fds: dict[str, int], on_demand: bool = False) -> None:
         """Start ``count`` acceptors and wait until each listens (or gives up).
 
         Waiting matters: until then the daemon alone serves every connection,
         so READY=1 would promise systemd (and a load right after start) more
         than is running. An acceptor that dies first is the watcher's job.
+        On demand, none is started now: up to ``count`` come with load.
         """
+        self._on_demand, self._limit, self._fds = on_demand, count, fds
+        if on_demand:
+            if self._load_task is None and count:
+                self._load_task = asyncio.create_task(self._follow_load(), name="acceptor-load")
+            return
         started = [await self._spawn(fds) for _ in range(count)]
-        waits = [asyncio.create_task(w.ready.wait()) for w in started]
+        await self._until_ready([w for w in started if w is not None])
+
+    async def _until_ready(self, workers: list[_Worker]) -> None:
+        waits = [asyncio.create_task(w.ready.wait()) for w in workers]
         if waits:
             _, pending = await asyncio.wait(waits, timeout=READY_TIMEOUT)
             for task in pending:
                 task.cancel()
 
-    async def replace(self, count: int, fds: dict[str, int]) -> None:
+    async def _follow_load(self) -> None:
+        """On demand: one more acceptor whenever the daemon's own CPU stays busy."""
+        sampler = CpuSampler(BUSY_SAMPLES)
+        while not self._stopping:
+            await asyncio.sleep(LOAD_SAMPLE)
+            running = sum(1 for w in self.workers if not w.retiring)
+            if not wants_acceptor(sampler.sample(), running, self._limit):
+                continue
+            worker = await self._spawn(self._fds)
+            if worker is not None:
+                log.event("master", f"busy: started acceptor process {worker.proc.pid} on demand")
+                await self._until_ready([worker])
+            sampler.clear()
+
+    async def replace(self, count: int, fds: dict[str, int], on_demand: bool = False) -> None:
         """New acceptors for a new config; the old ones drain and exit."""
         old, self.workers = self.workers, []
-        await self.start(count, fds)
+        if self._load_task is not None and not (on_demand and count):
+            self._load_task.cancel()
+            self._load_task = None
+        await self.start(count, fds, on_demand)
         for worker in old:
             worker.retiring = True
             with contextlib.suppress(ProcessLookupError):
@@ -107,11 +205,14 @@ class AcceptorPool:
 
     async def stop(self, timeout: float) -> None:
         self._stopping = True
-        for worker in self.workers:
+        if self._load_task is not None:
+            self._load_task.cancel()
+        workers = list(self.workers)  # watchers remove them as they exit
+        for worker in workers:
             worker.retiring = True
             with contextlib.suppress(ProcessLookupError):
                 worker.proc.send_signal(signal.SIGTERM)
-        for worker in self.workers:
+        for worker in workers:
             try:
                 await asyncio.wait_for(worker.proc.wait(), timeout)
             except TimeoutError:
@@ -121,9 +222,34 @@ class AcceptorPool:
         for task in list(self._watchers):
             task.cancel()
 
-    async def _spawn(self, fds: dict[str, int]) -> _Worker:
+    def _take_column(self) -> int | None:
+        free = next((c for c in range(1, COLUMNS) if c not in self._columns), None)
+        if free is not None:
+            self._columns.add(free)
+            if self.shared is not None:
+                self.shared.alone = False  # before the acceptor can count
+        return free
+
+    def _give_back(self, column: int) -> None:
+        """The acceptor owning ``column`` has exited: its connections are gone."""
+        if self.shared is not None:
+            self.shared.forget_column(column)
+        self._columns.discard(column)
+        if self.shared is not None and not self._columns:
+            self.shared.alone = True
+
+    async def _spawn(self, fds: dict[str, int]) -> _Worker | None:
+        column = self._take_column()
+        if column is None:
+            log.event("master", "warning: no column left for another acceptor process")
+            return None
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        shared_fds = [self.shared.fd] if self.shared is not None else []
         env = _child_env(fds, theirs.fileno())
+        if self.shared is not None:
+            env[ENV_COUNTS] = f"{self.shared.fd}:{column}"
+        if self._on_demand:
+            env[ENV_ON_DEMAND] = "1"
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -131,15 +257,18 @@ class AcceptorPool:
                 "relayd.acceptor",
                 "--config",
                 str(self.config_path),
-                pass_fds=[*fds.values(), theirs.fileno()],
+                pass_fds=[*fds.values(), theirs.fileno(), *shared_fds],
                 env=env,
             )
+        except BaseException:
+            self._give_back(column)
+            raise
         finally:
             theirs.close()
         reader, writer = await asyncio.open_unix_connection(sock=mine)
         ready = asyncio.Event()
         worker = _Worker(
-            proc, asyncio.create_task(self._read(proc.pid, reader, writer, ready)), ready
+            proc, asyncio.create_task(self._read(proc.pid, reader, writer, ready)), ready, column
         )
         self.workers.append(worker)
         watcher = asyncio.create_task(self._watch(worker, fds))
@@ -162,6 +291,9 @@ class AcceptorPool:
                     ready.set()
                     log.event("master", f"acceptor process {pid} ready")
                     continue
+                if line == LEAVING_LINE:
+                    self._leaving(pid)
+                    continue
                 if line.startswith(METRICS_PREFIX):
                     self._absorb(pid, line[len(METRICS_PREFIX) :])
                     continue
@@ -170,6 +302,12 @@ class AcceptorPool:
             writer.close()
             if self.metrics is not None:
                 self.metrics.retire(pid)
+
+    def _leaving(self, pid: int) -> None:
+        for worker in self.workers:
+            if worker.proc.pid == pid:
+                worker.retiring = True
+                log.event("master", f"idle: acceptor process {pid} leaves")
 
     def _absorb(self, pid: int, payload: bytes) -> None:
         if self.metrics is None:
@@ -183,7 +321,10 @@ class AcceptorPool:
         code = await worker.proc.wait()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(worker.reader_task, 5)  # every announcement read
+        self._give_back(worker.column)
         if worker.retiring or self._stopping:
+            if worker in self.workers:
+                self.workers.remove(worker)
             return
         log.event(
             "master",
@@ -221,20 +362,29 @@ def _child_env(fds: dict[str, int], master_fd: int) -> dict[str, str]:
 class Acceptor:
     """One extra process: SMTP sessions and spool commits; scheduling is the daemon's."""
 
-    def __init__(self, config: Config, master: socket.socket) -> None:
+    def __init__(
+        self,
+        config: Config,
+        master: socket.socket,
+        shared: SharedCounts,
+        column: int,
+        leave_when_idle: bool = False,
+    ) -> None:
         from relayd.daemon import build_services
 
         self.config = config
         self.master = master
         self.spool = Spool(config.spool.path)
         self.spool.ensure()
-        limiter, guard = cluster.counters(config)
+        limiter, guard = cluster.counters(config, shared)
+        self.connections = SharedConnectionCounter(
+            shared, column, config.limits.max_connections, config.limits.max_connections_per_ip
+        )
+        self.leave_when_idle = leave_when_idle
         self.services: Services = build_services(
             config,
             users=UserStore(config.auth.users_file),
-            connections=ratelimit.ConnectionCounter(
-                config.limits.max_connections, config.limits.max_connections_per_ip
-            ),
+            connections=self.connections,
             auth_guard=guard,
             rate_limiter=limiter,
             enqueue=self._enqueue,
@@ -263,10 +413,12 @@ class Acceptor:
         orphaned = asyncio.create_task(reader.read())  # EOF: the daemon is gone
         stop = asyncio.create_task(self._stop.wait())
         reporter = asyncio.create_task(self._report_metrics())
-        await asyncio.wait({orphaned, stop}, return_when=asyncio.FIRST_COMPLETED)
+        idle = asyncio.create_task(self._leave_when_idle())
+        await asyncio.wait({orphaned, stop, idle}, return_when=asyncio.FIRST_COMPLETED)
         self.listeners.close()
         await self.listeners.drain(DRAIN_TIMEOUT)
         reporter.cancel()
+        idle.cancel()
         self._send_metrics()
         with contextlib.suppress(Exception):
             await self._writer.drain()
@@ -274,6 +426,19 @@ class Acceptor:
         for task in (orphaned, stop):
             task.cancel()
         return 0
+
+    async def _leave_when_idle(self) -> None:
+        """On demand: tell the daemon, then end, once idle (see :func:`wants_to_leave`)."""
+        if not self.leave_when_idle:
+            await asyncio.Event().wait()  # never
+        sampler = CpuSampler(IDLE_SAMPLES)
+        while True:
+            await asyncio.sleep(IDLE_SAMPLE)
+            sessions = self.connections.shared.column_total(self.connections.column)
+            if wants_to_leave(sampler.sample(), sessions):
+                assert self._writer is not None
+                self._writer.write(LEAVING_LINE)
+                return
 
     async def _report_metrics(self) -> None:
         """Tell the daemon this process's session counters whenever they changed."""
@@ -289,14 +454,15 @@ class Acceptor:
         self._writer.write(METRICS_PREFIX + json.dumps(counts).encode("ascii") + b"\n")
 
 
-def _inherited() -> tuple[dict[str, list[socket.socket]], socket.socket]:
+def _inherited() -> tuple[dict[str, list[socket.socket]], socket.socket, SharedCounts, int]:
     sockets: dict[str, list[socket.socket]] = {}
     for item in filter(None, os.environ.get(ENV_FDS, "").split(",")):
         name, _, fd = item.rpartition("=")
         sock = socket.socket(fileno=int(fd))
         sockets.setdefault(name, []).append(sock)
     master = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=int(os.environ[ENV_MASTER]))
-    return sockets, master
+    counts_fd, _, column = os.environ[ENV_COUNTS].partition(":")
+    return sockets, master, SharedCounts.inherited(int(counts_fd)), int(column)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,10 +477,11 @@ def main(argv: list[str] | None = None) -> int:
         return 78
     log.setup(config.logging.level, config.logging.target)
     logging.getLogger("mail.log").setLevel(logging.CRITICAL)
-    inherited, master = _inherited()
+    inherited, master, shared, column = _inherited()
+    leave = os.environ.get(ENV_ON_DEMAND) == "1"
 
     async def serve() -> int:
-        return await Acceptor(config, master).run(inherited)
+        return await Acceptor(config, master, shared, column, leave).run(inherited)
 
     from relayd.daemon import event_loop_runner
 

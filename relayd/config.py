@@ -255,10 +255,11 @@ class ApiConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    # Extension: processes accepting SMTP (1 = the daemon alone; 0 = one per
-    # CPU core, written "auto"). Extra ones share the listening sockets and
-    # hand every accepted message to the daemon's single queue manager.
-    processes: int = 1
+    # Extension: processes accepting SMTP (1 = the daemon alone; 0 = "auto":
+    # up to one per CPU core, started when the daemon is busy and gone when
+    # idle). Extra ones share the listening sockets and hand every accepted
+    # message to the daemon's single queue manager.
+    processes: int = 0
     # SPEC section 11: balancers whose PROXY header relayd believes.
     proxy_from: tuple[IPNetwork, ...] = ()
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from relayd import __version__, dkim, log, porthold, systemd, workers
 from relayd import dns as relayd_dns
-from relayd.acceptor import AcceptorPool, worker_count
+from relayd.acceptor import AcceptorPool, on_demand, worker_count
 from relayd.api.ledger import Ledger
 from relayd.cluster import wiring as cluster
 from relayd.config import Config, ConfigError, check_files, load_config
@@ -38,12 +38,13 @@ from relayd.metrics import Metrics, MetricsServer
 from relayd.policy import ratelimit, sender
 from relayd.policy.authguard import AuthGuard
 from relayd.policy.recipients import RecipientChecks, RecipientsFile
+from relayd.policy.shared_counts import SharedConnectionCounter, SharedCounts
 from relayd.policy.verdict import Verdict
 from relayd.scheduler import Scheduler
 from relayd.smtpd.content import Content
 from relayd.smtpd.inbound import InboundChecks
 from relayd.smtpd.listener import Listeners
-from relayd.smtpd.services import Services, server_tls_context
+from relayd.smtpd.services import Connections, Services, server_tls_context
 from relayd.spool.model import Envelope
 from relayd.spool.store import Spool, Tail
 from relayd.users import UserStore
@@ -78,9 +79,15 @@ class Daemon:
         self.metrics.oldest = self.scheduler.oldest_arrival
         self.metrics_server = MetricsServer(self.metrics.render)
         self.users = UserStore(config.auth.users_file)
-        self.rate_limiter, self.auth_guard = cluster.counters(config)
-        self.connections = ratelimit.ConnectionCounter(
-            config.limits.max_connections, config.limits.max_connections_per_ip
+        # Counted by every process of this host alike (relayd.policy.shared_counts).
+        self.shared = _shared_counts(config)
+        self.rate_limiter, self.auth_guard = cluster.counters(config, self.shared)
+        self.connections: ratelimit.ConnectionCounter | SharedConnectionCounter = (
+            ratelimit.ConnectionCounter.from_config(config.limits)
+            if self.shared is None
+            else SharedConnectionCounter(
+                self.shared, 0, config.limits.max_connections, config.limits.max_connections_per_ip
+            )
         )
         # One for the daemon's life, so its caps on probes hold across snapshots
         # (a reload empties its cache: the routes may have changed).
@@ -93,7 +100,7 @@ class Daemon:
         self.api: ApiServer | None = None  # made at start if [api] address is set
         self.scheduler.on_removed = self._left_queue
         self.acceptors = AcceptorPool(
-            config.source, self._announced, self._rescan, metrics=self.metrics
+            config.source, self._announced, self._rescan, shared=self.shared, metrics=self.metrics
         )
         self._stop = asyncio.Event()
         self._ledger_writes: set[asyncio.Future[None]] = set()
@@ -144,6 +151,10 @@ class Daemon:
         self.counters.accepted += 1
         self.scheduler.add(envelope)
 
+    def _acceptors_wanted(self, config: Config) -> int:
+        """Without a shared segment the limits could not hold across processes: none."""
+        return 0 if self.shared is None else worker_count(config)
+
     def _rescan(self) -> None:
         """After an acceptor died: pick up what it committed but never announced."""
         for queue_id in self.spool.queue_ids():
@@ -156,7 +167,9 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self.scheduler.load(self.spool.recover())
         await self.listeners.apply(self.config.listeners, systemd.listen_fds())
-        await self.acceptors.start(worker_count(self.config), self.listeners.fds())
+        await self.acceptors.start(
+            self._acceptors_wanted(self.config), self.listeners.fds(), on_demand(self.config)
+        )
         await self.control.start(self.config.control)
         await self.local.start(self.config.local.socket)
         await self.metrics_server.start(self.config.metrics.address)  # read at start only
@@ -269,7 +282,9 @@ class Daemon:
         old_agent = self.agent
         self.agent = _agent(config)
         self.scheduler.reconfigure(config, self.agent)
-        await self.acceptors.replace(worker_count(config), self.listeners.fds())
+        await self.acceptors.replace(
+            self._acceptors_wanted(config), self.listeners.fds(), on_demand(config)
+        )
         # Close the old agent's idle sessions; attempts in flight finish with it.
         self._closing = asyncio.ensure_future(old_agent.close())
         log.set_level(config.logging.level)
@@ -320,6 +335,20 @@ class Daemon:
         )
 
 
+def _shared_counts(config: Config) -> SharedCounts | None:
+    try:
+        return SharedCounts.create(config.limits.max_connections)
+    except OSError as exc:  # e.g. RLIMIT_FSIZE below the segment's 9 MB
+        log.event(
+            "master",
+            f"warning: cannot create the counts shared between processes ({exc}); "
+            "relayd runs as one process (raise LimitFSIZE, or set [server] processes = 1 "
+            "to silence this)",
+            level=logging.WARNING,
+        )
+        return None
+
+
 def _agent(config: Config) -> Router:
     """Delivery: local routes (LMTP, Maildir) and SMTP for the rest."""
     return Router(config, DeliveryAgent(config, relayd_dns.make_resolver(config.dns)))
@@ -329,7 +358,7 @@ def build_services(
     config: Config,
     *,
     users: UserStore,
-    connections: ratelimit.ConnectionCounter,
+    connections: Connections,
     auth_guard: AuthGuard,
     rate_limiter: ratelimit.RateLimiter,
     enqueue: Callable[[Envelope, bytes, Tail | None], Awaitable[None]],

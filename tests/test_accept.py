@@ -410,6 +410,9 @@ def test_spool_write_failure_is_451_and_leaves_nothing(tmp_path: Path) -> None:
             assert code == 451 and text.startswith(b"4.3.0")
             qid = send(s, "a@sender.test", ["bob@relay.test"], b"Subject: small\r\n\r\nok\r\n")
         assert spool_ids(r) == {qid}
+        # Under so low a file size limit the shared counts cannot be made either:
+        # relayd says so and stays one process, its limits still exact.
+        assert "cannot create the counts shared between processes" in r.log()
         assert r.stop() == 0
         leftovers = list((r.spool / "tmp").iterdir()) if (r.spool / "tmp").exists() else []
         assert leftovers == []

@@ -19,7 +19,7 @@ import pytest
 from support.dnsserver import DNSServer
 from support.mxserver import MXServer
 from support.ports import free_port
-from support.relayd_proc import Relayd, send
+from support.relayd_proc import Relayd, raw_session, send
 from support.waiting import wait_for
 
 MSG = b"From: alice@sender.test\r\nSubject: acceptors\r\n\r\nbody\r\n"
@@ -169,3 +169,117 @@ def test_metrics_count_the_sessions_of_every_process(world: tuple[Relayd, MXServ
         lambda: len(acceptor_pids(r.proc.pid)) == 2 and victim not in acceptor_pids(r.proc.pid)
     )  # type: ignore[union-attr]
     assert accepted_and_denied(r) == (len(ids), len(ids))
+
+
+# ---- limits are relayd's, not one process's ----------------------------------------
+
+
+def served_pids(log: str) -> list[int]:
+    """The pid of the process that served each EHLO-and-QUIT session ended in ``log``."""
+    return [
+        int(pid)
+        for pid in re.findall(r"relayd/smtpd\[(\d+)\]: disconnect from \S+ ehlo=1 quit=1 ", log)
+    ]
+
+
+def test_connection_and_rate_limits_hold_across_processes(tmp_path: Path) -> None:
+    """Connections from one client land on several processes; its limits still hold exactly."""
+    r = Relayd(
+        tmp_path,
+        extra=(
+            "[server]\nprocesses = 3\n\n[limits]\nmax_connections_per_ip = 3\n\n"
+            '[rate_limits]\nper_ip = "6/hour"\n'
+        ),
+    )
+    with r:
+        r.start()
+        assert r.proc is not None
+        wait_for(lambda: len(acceptor_pids(r.proc.pid)) == 2)  # type: ignore[union-attr]
+        spread = False
+        for _ in range(20):  # bounded: until three held connections spanned processes
+            seen = len(r.log())
+            held = [r.smtp("inbound") for _ in range(3)]
+            try:
+                for s in held:
+                    assert s.ehlo("client.test")[0] == 250
+                with raw_session(r.port("inbound")) as fourth:
+                    assert fourth.reply().startswith("421 4.7.0 too many connections from ")
+            finally:
+                for s in held:
+                    s.quit()
+            wait_for(lambda seen=seen: len(served_pids(r.log()[seen:])) == 3)
+            spread = len(set(served_pids(r.log()[seen:]))) > 1
+            if spread:
+                break
+        assert spread, "the three connections never spanned two processes"
+        sent, refused = 0, None
+        for i in range(7):
+            with r.smtp("inbound") as s:
+                s.ehlo("client.test")
+                code, text = s.mail("alice@sender.test")
+                if code != 250:
+                    refused = (code, text.decode())
+                    break
+                assert s.rcpt(f"r{i}@example.org")[0] == 250
+                assert s.data(MSG)[0] == 250
+                sent += 1
+        assert sent == 6
+        assert refused is not None and refused[0] == 450
+        assert refused[1].startswith("4.7.1 rate limit per ip (6/hour) reached for 127.0.0.1")
+        assert r.stop() == 0
+
+
+# ---- processes = "auto": acceptors come with load ------------------------------------
+
+
+def test_on_demand_decisions() -> None:
+    from relayd.acceptor import wants_acceptor, wants_to_leave
+
+    assert not wants_acceptor([1.2], running=0, limit=1)  # one busy sample is a blip
+    assert wants_acceptor([0.1, 0.9, 1.3], running=0, limit=1)
+    assert not wants_acceptor([0.9, 0.5], running=0, limit=1)
+    assert not wants_acceptor([1.0, 1.0], running=1, limit=1)  # every core has one
+    quiet = [0.01] * 12
+    assert wants_to_leave(quiet, sessions=0)
+    assert not wants_to_leave(quiet, sessions=1)  # never with a client connected
+    assert not wants_to_leave(quiet[:-1], sessions=0)  # a whole minute first
+    assert not wants_to_leave([*quiet[:-1], 0.2], sessions=0)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="auto starts acceptors on multi-core hosts")
+def test_auto_starts_an_acceptor_when_the_daemon_is_busy(tmp_path: Path) -> None:
+    """Default config: the daemon alone at rest, an acceptor once a load keeps it busy."""
+    import threading
+    import time
+
+    r = Relayd(tmp_path)
+    with r:
+        r.start()
+        assert r.proc is not None
+        daemon = r.proc.pid
+        time.sleep(1.5)
+        assert acceptor_pids(daemon) == []
+        done = threading.Event()
+
+        def load() -> None:
+            while not done.is_set():
+                with r.smtp("inbound") as s:
+                    s.ehlo("client.test")
+                    send(s, "alice@sender.test", ["load@example.org"], MSG)
+
+        clients = [threading.Thread(target=load, daemon=True) for _ in range(8)]
+        for client in clients:
+            client.start()
+        try:
+            wait_for(lambda: acceptor_pids(daemon) != [], timeout=30)
+        finally:
+            done.set()
+            for client in clients:
+                client.join(timeout=15)
+        [pid] = acceptor_pids(daemon)
+        wait_for(lambda: f"busy: started acceptor process {pid} on demand" in r.log())
+        wait_for(lambda: f"acceptor process {pid} ready" in r.log())
+        with r.smtp("inbound") as s:  # and everything still works
+            s.ehlo("client.test")
+            send(s, "alice@sender.test", ["after@example.org"], MSG)
+        assert r.stop() == 0

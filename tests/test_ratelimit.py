@@ -15,10 +15,28 @@ from relayd.policy.ratelimit import (
     client_key,
     rate_text,
 )
+from relayd.policy.shared_counts import SharedConnectionCounter, SharedCounts, SharedRateLimiter
 from relayd.policy.verdict import Refuse
 
 HOUR = 3600.0
 T0 = 1000.0
+
+# Every behaviour holds alike for one process's own counts and for the
+# counts shared by all processes (relayd.policy.shared_counts).
+KINDS = pytest.mark.parametrize("kind", ["own", "shared"])
+
+
+def new_limiter(kind: str, limits: RateLimits) -> RateLimiter:
+    if kind == "own":
+        return RateLimiter(limits)
+    return SharedRateLimiter(limits, SharedCounts.create(16))
+
+
+def new_counter(kind: str, limits: Limits) -> ConnectionCounter | SharedConnectionCounter:
+    if kind == "own":
+        return ConnectionCounter.from_config(limits)
+    shared = SharedCounts.create(limits.max_connections)
+    return SharedConnectionCounter(shared, 0, limits.max_connections, limits.max_connections_per_ip)
 
 
 def refused_wait(verdict: Refuse | None) -> int:
@@ -36,6 +54,7 @@ def fill(limiter: RateLimiter, count: int, **who: str) -> None:
         assert limiter.check(T0 + i * 0.001, ip, **who) is None, i
 
 
+@KINDS
 @pytest.mark.parametrize(
     ("limit", "who", "other"),
     [
@@ -45,9 +64,9 @@ def fill(limiter: RateLimiter, count: int, **who: str) -> None:
     ],
 )
 def test_each_limit_is_hit_then_freed(
-    limit: str, who: dict[str, str], other: dict[str, str]
+    kind: str, limit: str, who: dict[str, str], other: dict[str, str]
 ) -> None:
-    limiter = RateLimiter(RateLimits(**{limit: Rate(10, HOUR, "10/hour")}))
+    limiter = new_limiter(kind, RateLimits(**{limit: Rate(10, HOUR, "10/hour")}))
     fill(limiter, 10, **who)
     now = T0 + 1.0
     args = {"ip": "192.0.2.1", **who}
@@ -68,16 +87,18 @@ def test_each_limit_is_hit_then_freed(
     assert limiter.check(later + 10, **args) is not None
 
 
-def test_steady_traffic_is_held_near_the_limit() -> None:
+@KINDS
+def test_steady_traffic_is_held_near_the_limit(kind: str) -> None:
     """Over many windows no more than the limit (plus the model's slack) gets through."""
-    limiter = RateLimiter(RateLimits(per_ip=Rate(60, 60.0)))
+    limiter = new_limiter(kind, RateLimits(per_ip=Rate(60, 60.0)))
     accepted = [t for t in range(0, 6000) if limiter.check(T0 + t * 0.1, "192.0.2.1") is None]
     per_window = len(accepted) / (600 / 60)
     assert 50 <= per_window <= 66
 
 
-def test_refused_messages_are_not_counted() -> None:
-    limiter = RateLimiter(RateLimits(per_ip=Rate(2, 60.0)))
+@KINDS
+def test_refused_messages_are_not_counted(kind: str) -> None:
+    limiter = new_limiter(kind, RateLimits(per_ip=Rate(2, 60.0)))
     fill(limiter, 2)
     first = refused_wait(limiter.check(T0 + 1, "192.0.2.1"))
     for i in range(50):
@@ -94,8 +115,9 @@ def test_the_longest_wait_is_reported() -> None:
     assert refused_wait(verdict) > 86000
 
 
-def test_a_refusal_records_nothing_anywhere() -> None:
-    limiter = RateLimiter(RateLimits(per_ip=Rate(5, 60.0), per_user=Rate(1, 60.0)))
+@KINDS
+def test_a_refusal_records_nothing_anywhere(kind: str) -> None:
+    limiter = new_limiter(kind, RateLimits(per_ip=Rate(5, 60.0), per_user=Rate(1, 60.0)))
     assert limiter.check(T0, "192.0.2.1", user="alice") is None
     for _ in range(10):
         assert limiter.check(T0, "192.0.2.1", user="alice") is not None
@@ -103,28 +125,32 @@ def test_a_refusal_records_nothing_anywhere() -> None:
         assert limiter.check(T0 + i, "192.0.2.1", user=f"other{i}") is None
 
 
-def test_relay_network_clients_are_limited_too() -> None:
-    limiter = RateLimiter(RateLimits(per_ip=Rate(3, 60.0)))
+@KINDS
+def test_relay_network_clients_are_limited_too(kind: str) -> None:
+    limiter = new_limiter(kind, RateLimits(per_ip=Rate(3, 60.0)))
     fill(limiter, 3, ip="127.0.0.1")
     assert limiter.check(T0 + 1, "127.0.0.1") is not None
 
 
-def test_keys_are_case_insensitive() -> None:
-    limiter = RateLimiter(RateLimits(per_user=Rate(1, 60.0), per_sender_domain=Rate(1, 60.0)))
+@KINDS
+def test_keys_are_case_insensitive(kind: str) -> None:
+    limiter = new_limiter(kind, RateLimits(per_user=Rate(1, 60.0), per_sender_domain=Rate(1, 60.0)))
     assert limiter.check(T0, "192.0.2.1", user="Alice") is None
     assert limiter.check(T0, "192.0.2.2", user="alice") is not None
     assert limiter.check(T0, "192.0.2.3", sender_domain="Example.Test") is None
     assert limiter.check(T0, "192.0.2.4", sender_domain="example.test.") is not None
 
 
-def test_absent_identities_are_not_limited() -> None:
-    limiter = RateLimiter(RateLimits(per_user=Rate(1, 60.0), per_sender_domain=Rate(1, 60.0)))
+@KINDS
+def test_absent_identities_are_not_limited(kind: str) -> None:
+    limiter = new_limiter(kind, RateLimits(per_user=Rate(1, 60.0), per_sender_domain=Rate(1, 60.0)))
     for i in range(5):
         assert limiter.check(T0 + i, "192.0.2.1", user=None, sender_domain="") is None
 
 
-def test_no_limits_configured() -> None:
-    limiter = RateLimiter(RateLimits())
+@KINDS
+def test_no_limits_configured(kind: str) -> None:
+    limiter = new_limiter(kind, RateLimits())
     for i in range(1000):
         assert limiter.check(T0, f"192.0.2.{i % 250}", "u", "d.test") is None
     assert limiter.tracked() == 0
@@ -158,8 +184,9 @@ def test_idle_keys_expire() -> None:
     assert limiter.tracked() == 1
 
 
-def test_ipv6_is_counted_per_64() -> None:
-    limiter = RateLimiter(RateLimits(per_ip=Rate(2, 60.0)))
+@KINDS
+def test_ipv6_is_counted_per_64(kind: str) -> None:
+    limiter = new_limiter(kind, RateLimits(per_ip=Rate(2, 60.0)))
     assert limiter.check(T0, "2001:db8:1:2::1") is None
     assert limiter.check(T0, "2001:db8:1:2::ffff") is None
     assert limiter.check(T0, "2001:db8:1:2:aaaa::1") is not None
@@ -168,8 +195,9 @@ def test_ipv6_is_counted_per_64() -> None:
     assert client_key("2001:db8::1") == "2001:db8::/64"
 
 
-def test_reconfigure_keeps_counts() -> None:
-    limiter = RateLimiter(RateLimits(per_ip=Rate(5, HOUR)))
+@KINDS
+def test_reconfigure_keeps_counts(kind: str) -> None:
+    limiter = new_limiter(kind, RateLimits(per_ip=Rate(5, HOUR)))
     fill(limiter, 5)
     limiter.reconfigure(RateLimits(per_ip=Rate(6, HOUR), per_user=Rate(1, HOUR)))
     assert limiter.check(T0 + 1, "192.0.2.1") is None  # the sixth fits the new limit
@@ -184,6 +212,7 @@ def test_rate_text() -> None:
     assert rate_text(Rate(7, 90.0)) == "7/90s"
 
 
+@KINDS
 @settings(max_examples=200, deadline=None)
 @given(
     count=st.integers(1, 50),
@@ -191,10 +220,10 @@ def test_rate_text() -> None:
     gaps=st.lists(st.floats(0.0, 500.0), min_size=1, max_size=120),
 )
 def test_retry_time_is_never_early_and_always_enough(
-    count: int, width: float, gaps: list[float]
+    kind: str, count: int, width: float, gaps: list[float]
 ) -> None:
     """Whatever the traffic, "try again in N s" is honoured exactly at N s."""
-    limiter = RateLimiter(RateLimits(per_ip=Rate(count, width)))
+    limiter = new_limiter(kind, RateLimits(per_ip=Rate(count, width)))
     now = T0
     for gap in gaps:
         now += gap
@@ -208,8 +237,9 @@ def test_retry_time_is_never_early_and_always_enough(
 # -- connections -------------------------------------------------------------------
 
 
-def test_connection_limits() -> None:
-    counter = ConnectionCounter.from_config(Limits(max_connections=3, max_connections_per_ip=2))
+@KINDS
+def test_connection_limits(kind: str) -> None:
+    counter = new_counter(kind, Limits(max_connections=3, max_connections_per_ip=2))
     assert counter.acquire("192.0.2.1") is None
     assert counter.acquire("192.0.2.1") is None
     per_ip = counter.acquire("192.0.2.1")
@@ -228,8 +258,9 @@ def test_connection_limits() -> None:
     assert counter.total == 0
 
 
-def test_connection_reconfigure_keeps_open_ones() -> None:
-    counter = ConnectionCounter(10, 10)
+@KINDS
+def test_connection_reconfigure_keeps_open_ones(kind: str) -> None:
+    counter = new_counter(kind, Limits(max_connections=10, max_connections_per_ip=10))
     for _ in range(3):
         assert counter.acquire("192.0.2.1") is None
     counter.reconfigure(Limits(max_connections=10, max_connections_per_ip=3))
