@@ -71,8 +71,9 @@ LEAVING_LINE = b"Q\n"  # an on-demand acceptor leaves, idle: not to be replaced
 
 # On demand ("auto"): the daemon samples its own CPU every LOAD_SAMPLE seconds
 # and starts an acceptor once BUSY_SAMPLES samples in a row were at least
-# BUSY_CPU busy (all its threads together: one full core is 1.0).
-LOAD_SAMPLE = 0.5
+# BUSY_CPU busy (all its threads together: one full core is 1.0). Half a
+# second: a new process needs about as long again before it accepts.
+LOAD_SAMPLE = 0.25
 BUSY_SAMPLES = 2
 BUSY_CPU = 0.8
 # An on-demand acceptor leaves after IDLE_SAMPLES samples of IDLE_SAMPLE
