@@ -371,7 +371,7 @@ class Acceptor:
         column: int,
         leave_when_idle: bool = False,
     ) -> None:
-        from relayd.daemon import build_services
+        from relayd.smtpd.snapshot import build_services
 
         self.config = config
         self.master = master
@@ -484,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     async def serve() -> int:
         return await Acceptor(config, master, shared, column, leave).run(inherited)
 
-    from relayd.daemon import event_loop_runner
+    from relayd.eventloop import event_loop_runner
 
     return int(event_loop_runner()(serve()))
 

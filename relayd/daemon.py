@@ -14,14 +14,12 @@ import asyncio
 import contextlib
 import errno
 import logging
-import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from relayd import __version__, dkim, log, porthold, systemd, workers
+from relayd import __version__, log, porthold, systemd
 from relayd import dns as relayd_dns
 from relayd.acceptor import AcceptorPool, on_demand, worker_count
 from relayd.api.ledger import Ledger
@@ -31,20 +29,17 @@ from relayd.control.server import ControlServer
 from relayd.delivery.agent import DeliveryAgent
 from relayd.delivery.router import Router
 from relayd.delivery.verify import RecipientProber
+from relayd.eventloop import event_loop_name, event_loop_runner
 from relayd.events import Outcomes
 from relayd.events.webhook import WebhookSender
 from relayd.local.server import LocalSubmission
 from relayd.metrics import Metrics, MetricsServer
-from relayd.policy import ratelimit, sender
-from relayd.policy.authguard import AuthGuard
-from relayd.policy.recipients import RecipientChecks, RecipientsFile
+from relayd.policy import ratelimit
 from relayd.policy.shared_counts import SharedConnectionCounter, SharedCounts
-from relayd.policy.verdict import Verdict
 from relayd.scheduler import Scheduler
-from relayd.smtpd.content import Content
-from relayd.smtpd.inbound import InboundChecks
 from relayd.smtpd.listener import Listeners
-from relayd.smtpd.services import Connections, Services, server_tls_context
+from relayd.smtpd.services import Services
+from relayd.smtpd.snapshot import build_services
 from relayd.spool.model import Envelope
 from relayd.spool.store import Spool, Tail
 from relayd.users import UserStore
@@ -354,82 +349,6 @@ def _agent(config: Config) -> Router:
     return Router(config, DeliveryAgent(config, relayd_dns.make_resolver(config.dns)))
 
 
-def build_services(
-    config: Config,
-    *,
-    users: UserStore,
-    connections: Connections,
-    auth_guard: AuthGuard,
-    rate_limiter: ratelimit.RateLimiter,
-    enqueue: Callable[[Envelope, bytes, Tail | None], Awaitable[None]],
-    free_space: Callable[[], int],
-    spill_dir: str,
-    metrics: Metrics,
-    prober: RecipientProber | None = None,
-    outcomes: Outcomes | None = None,
-) -> Services:
-    """The snapshot sessions run on; the daemon and acceptor processes build it alike.
-
-    ``prober`` is the daemon's one recipient prober; without one (an
-    acceptor process, which builds this once per config) a new one is made.
-    """
-    tls = None
-    if config.tls.cert is not None and config.tls.key is not None:
-        tls = server_tls_context(str(config.tls.cert), str(config.tls.key))
-    signer = dkim.Signer(config.dkim.keys)
-    # Events and suppression (SPEC §10); an acceptor process has its own.
-    apps = outcomes or Outcomes(lambda: config, metrics)
-
-    def sender_verdict(user: str, address: str) -> Verdict:
-        return sender.login_sender_verdict(users.current(), user, address)
-
-    return Services(
-        config=config,
-        tls_context=tls,
-        users=users,
-        connections=connections,
-        auth_guard=auth_guard,
-        rate_limiter=rate_limiter,
-        enqueue=apps.wrap_enqueue(enqueue),
-        sender_verdict=sender_verdict,
-        suppressed=apps.refusal,
-        sign=lambda header, content: _sign(signer, header, content),
-        checks=InboundChecks(config),
-        recipients=_recipient_checks(config, prober),
-        free_space=free_space,
-        spill_dir=spill_dir,
-        metrics=metrics,
-    )
-
-
-def _recipient_checks(config: Config, prober: RecipientProber | None) -> RecipientChecks:
-    relay = config.relay
-    listed = RecipientsFile(relay.recipients_file) if relay.recipients_file else None
-    probe = None
-    if relay.verify_recipients:
-        if prober is None:
-            prober = RecipientProber(config, relayd_dns.make_resolver(config.dns))
-        probe = prober.check
-    return RecipientChecks(listed, probe)
-
-
-async def _sign(signer: dkim.Signer, header: bytes, content: Content) -> bytes:
-    """The DKIM-Signature line(s) to prepend, b"" when no key matches.
-
-    Signing runs in its own pool (relayd.workers.SIGN): it never waits
-    behind inbound verification, and a password check never waits behind it.
-    """
-    if not signer.domains or dkim.from_domain(header) not in signer.domains:
-        return b""  # no key for it: no thread hop, no body read
-    try:
-        fields = await workers.SIGN.run(signer.signature_for, header, content)
-    except Exception as exc:  # dkimpy raises its own types for bad input
-        # A message dkimpy cannot parse is relayed unsigned rather than refused.
-        log.event("cleanup", f"warning: not DKIM-signed: {exc}", level=logging.WARNING)
-        return b""
-    return fields or b""
-
-
 def run(config: Config) -> int:
     """Run the daemon in the foreground until SIGTERM; the process exit status."""
     log.setup(config.logging.level, config.logging.target)
@@ -449,27 +368,6 @@ def run(config: Config) -> int:
     except OSError as exc:
         log.event("master", f"fatal: {_bind_problem(exc, config)}", level=logging.CRITICAL)
         return _exit_status(exc)
-
-
-def event_loop_runner() -> Any:
-    """``uvloop.run`` when uvloop imports, else ``asyncio.run``.
-
-    uvloop's event loop costs less CPU per connection and per message (see
-    docs/performance.md). ``RELAYD_EVENT_LOOP=asyncio`` forces the standard
-    loop (for comparison, or should uvloop misbehave on a platform).
-    """
-    if os.environ.get("RELAYD_EVENT_LOOP", "") != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            return uvloop.run
-    return asyncio.run
-
-
-def event_loop_name(loop: asyncio.AbstractEventLoop) -> str:
-    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
 
 
 EX_TEMPFAIL = 75
