@@ -262,6 +262,13 @@ def _place_new(src: str, dst: str) -> bool:
     return True
 
 
+def _remove_files(message: str, state: str) -> bool:
+    """Unlink a message, then its state file (in this order: see the module doc)."""
+    found = _unlink_if_present(message)
+    _unlink_quiet(state)
+    return found
+
+
 def _unlink_if_present(path: str) -> bool:
     try:
         os.unlink(path)
@@ -583,17 +590,19 @@ class Spool:
     async def remove(self, queue_id: str) -> None:
         """Delete a message for good (KeyError if it was not there)."""
         self._check(queue_id)
-        # No directory fsync (Postfix syncs no removal either), so nothing to
-        # batch: two unlinks on the loop cost less than a trip to a thread. A
-        # crash just after may bring the message back, and it is delivered
-        # again (at least once). The journal keeps the two unlinks in order,
-        # so the state file is never gone while its message is still there.
-        try:
-            found = _unlink_if_present(self._queue_path(queue_id))
-        except OSError as e:
-            raise SpoolError(f"{queue_id}: cannot remove from the spool: {e.strerror or e}") from e
-        _unlink_quiet(self._state_path(queue_id))
-        if not found:  # (a state file without its message was dropped all the same)
+        # No directory fsync (Postfix syncs no removal either): the two
+        # unlinks ride with the group committer's next batch, so many
+        # removals share one trip to its thread and the event loop never
+        # waits on the filesystem journal (an unlink took about 0.2 ms on
+        # the loop while the writer threads fsynced). A crash just after may
+        # bring the message back, and it is delivered again (at least once).
+        op = _Op(
+            apply=functools.partial(
+                _remove_files, self._queue_path(queue_id), self._state_path(queue_id)
+            ),
+            dirs=(),
+        )
+        if not await self._batched(op, queue_id, "remove from"):
             raise KeyError(queue_id)
         self.stats.removes += 1
 
@@ -627,7 +636,7 @@ class Spool:
             raise SpoolError(f"{qid}: cannot write to the spool: {e.strerror or e}") from e
         self.stats.file_syncs += 1
 
-    async def _batched(self, op: _Op, qid: str) -> bool:
+    async def _batched(self, op: _Op, qid: str, what: str = "commit to") -> bool:
         """Hand ``op`` to the group committer; True once durable, ``op.changed``."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bool] = loop.create_future()
@@ -637,7 +646,7 @@ class Spool:
         try:
             return await future
         except OSError as e:
-            raise SpoolError(f"{qid}: cannot commit to the spool: {e.strerror or e}") from e
+            raise SpoolError(f"{qid}: cannot {what} the spool: {e.strerror or e}") from e
 
     async def _run_committer(self) -> None:
         """Drain the pending ops in batches: whatever arrived during one fsync forms the next."""
