@@ -147,7 +147,9 @@ def profile_accept(
         return {"error": "py-spy not found (pip install py-spy)"}
     out_dir.mkdir(parents=True, exist_ok=True)
     raw_path = out_dir / f"relayd-accept-{size // 1024}k-profile.txt"
-    mta = Relayd(root, next_hop=free_port(), hold=True)
+    # One process, so that every message's work is in the one sampled pid
+    # (with acceptors each process does the same work for its share).
+    mta = Relayd(root, next_hop=free_port(), hold=True, processes="1")
     sampler: subprocess.Popen[bytes] | None = None
     try:
         mta.start()
