@@ -151,10 +151,26 @@ class Daemon:
         return 0 if self.shared is None else worker_count(config)
 
     def _rescan(self) -> None:
-        """After an acceptor died: pick up what it committed but never announced."""
+        """After an acceptor died: pick up what it committed but never announced.
+
+        A queue file younger than RESCAN_SETTLE may be one a live acceptor is
+        still writing (the spool writes under the final name); it is looked
+        at again once it is that old, by when its writer has announced it
+        or given up on it.
+        """
+        young = False
         for queue_id in self.spool.queue_ids():
-            if not self.scheduler.knows(queue_id):
-                self._announced(queue_id)
+            if self.scheduler.knows(queue_id):
+                continue
+            age = self.spool.age(queue_id)
+            if age is None:
+                continue
+            if age < RESCAN_SETTLE:
+                young = True
+                continue
+            self._announced(queue_id)
+        if young:
+            asyncio.get_running_loop().call_later(RESCAN_SETTLE, self._rescan)
 
     # ---- running --------------------------------------------------------------
 
@@ -371,6 +387,7 @@ def run(config: Config) -> int:
 
 
 EX_TEMPFAIL = 75
+RESCAN_SETTLE = 60.0  # seconds: far longer than a commit takes on a working disk
 
 
 def _exit_status(exc: OSError) -> int:

@@ -138,14 +138,16 @@ def test_commit_stores_envelope_and_exact_bytes(spool: Spool) -> None:
     assert qfile.read_bytes().endswith(MESSAGE)
 
 
-def test_commit_returns_only_after_data_sync_link_and_directory_sync(
+def test_commit_returns_only_after_data_sync_and_directory_sync(
     spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The file is written and synced where it stays, then queue/ is synced, then 250."""
     events: list[str] = []
     real_fdatasync, real_link, real_sync_dir = os.fdatasync, os.link, store._sync_dir
 
     def fdatasync(fd: int) -> None:
-        events.append("fdatasync " + os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        where = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        events.append(f"fdatasync {where.parent.name}/{where.name}")
         real_fdatasync(fd)
 
     def link(src: str, dst: str) -> None:
@@ -163,8 +165,7 @@ def test_commit_returns_only_after_data_sync_link_and_directory_sync(
     commit(spool, env)
     events.append("returned")
     assert events == [
-        f"fdatasync {env.queue_id}",
-        "link tmp -> queue",
+        f"fdatasync queue/{env.queue_id}",
         "fsync dir queue",
         "returned",
     ]
@@ -384,19 +385,19 @@ def test_failed_directory_fsync_fails_the_whole_batch_and_leaves_nothing(
     assert names(spool.root / "queue") == [] and names(spool.root / "tmp") == []
 
 
-def test_one_failed_link_fails_only_its_own_commit(
+def test_one_failed_write_fails_only_its_own_commit(
     spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     envs = [envelope() for _ in range(10)]
     unlucky = envs[4].queue_id
-    real = os.link
+    real = os.fdatasync
 
-    def link(src: str, dst: str) -> None:
-        if os.path.basename(dst) == unlucky:
+    def fdatasync(fd: int) -> None:
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")) == unlucky:
             raise OSError(errno.EIO, "Input/output error")
-        real(src, dst)
+        real(fd)
 
-    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
 
     async def batch() -> list[BaseException | None]:
         return await asyncio.gather(

@@ -4,7 +4,7 @@ How this works
 --------------
 Under the spool root (directories mode 0700, files 0600)::
 
-    tmp/      files being written; anything found here at start is garbage
+    tmp/      state files being written, spilled DATA; garbage at start
     queue/    ID        one immutable file per message
     state/    ID.json   the envelope as changed since accept (attempts, hold)
     corrupt/  files recovery could not read, kept for the operator
@@ -15,17 +15,20 @@ The data length is there so that a file torn by a crashed file system is
 recognised (its size does not add up) instead of being delivered truncated.
 One file per message means one data fsync per message on the accept path.
 
-Accept (``commit``): a worker thread writes tmp/ID and fdatasyncs it; then the
-group committer moves every file that is ready into queue/ (link, then unlink
-tmp/ID: unlike rename, link never replaces an existing queue file, so a queue
-id collision fails one commit instead of overwriting an acknowledged message)
-and fsyncs queue/ once for the whole batch, and only then wakes the callers.
-That directory fsync is the commit point: after it the message survives any
-crash and the session may answer 250. A crash before the link leaves a file in
-tmp/ that recovery deletes (the client got no 250 and retries). A crash after
-the link but before the directory fsync leaves the message either absent or
-complete in queue/ (its data was synced before); if present it is delivered,
-at worst a duplicate of the client's retry, never a loss. A failure anywhere
+Accept (``commit``): a worker thread creates queue/ID (``O_EXCL``: a queue id
+collision fails that one commit instead of overwriting an acknowledged
+message), writes it and fdatasyncs it; then the group committer fsyncs queue/
+once for the whole batch, and only then wakes the callers. That directory
+fsync is the commit point: after it the message survives any crash and the
+session may answer 250. On ext4 and xfs the file's fdatasync already commits
+its directory entry (the journal commits in order), so the directory fsync
+finds nothing left to wait for; on other file systems it is what makes the
+entry durable. The file is written under its final name for that reason:
+a tmp/ file linked into queue/ afterwards cost a second journal commit per
+batch. Before the 250 the file may be torn or whole: recovery moves a torn
+one (its size does not add up) to corrupt/ and delivers a whole one, at worst
+a duplicate of the client's retry, never a loss; the daemon's rescan after an
+acceptor's death leaves young files alone (relayd.daemon). A failure anywhere
 (EFBIG, ENOSPC, EIO) unlinks what this caller wrote and raises SpoolError;
 if the directory fsync itself fails, every message of that batch is unlinked
 from queue/ again before the callers see SpoolError, so a message answered
@@ -249,16 +252,8 @@ def _rename(src: str, dst: str) -> bool:
     return True
 
 
-def _place_new(src: str, dst: str) -> bool:
-    """Move a new queue file into place, never over an existing one.
-
-    A queue-id collision (clock stepped back across a restart) must fail
-    this commit (451) rather than silently replace an acknowledged message.
-    link() refuses an existing name; rename() would not.
-    """
-    os.link(src, dst)
-    with contextlib.suppress(OSError):  # a stray tmp/ name is recover()'s to clear
-        os.unlink(src)
+def _in_place() -> bool:
+    """A new queue file is written where it stays: only its directory needs syncing."""
     return True
 
 
@@ -497,6 +492,13 @@ class Spool:
         self._check(queue_id)
         return self._read_head(queue_id)[2]
 
+    def age(self, queue_id: str) -> float | None:
+        """Seconds since queue/ID was last written; None if it is not there."""
+        try:
+            return time.time() - os.stat(self._queue_path(queue_id)).st_mtime
+        except OSError:
+            return None
+
     def queue_ids(self) -> list[str]:
         """Ids of all queued messages, oldest first; [] if the spool does not exist."""
         try:
@@ -556,15 +558,10 @@ class Spool:
         if tail is not None:
             size += os.stat(tail[0]).st_size - tail[1]
         head = encode_header(envelope, size)
-        tmp, dst = os.path.join(self._tmp, qid), self._queue_path(qid)
-        await self._write(tmp, (head, data), qid, tail)
+        dst = self._queue_path(qid)
+        await self._write(dst, (head, data), qid, tail)  # under its final name: see above
         await self._batched(
-            _Op(
-                apply=functools.partial(_place_new, tmp, dst),
-                dirs=(self._queue,),
-                on_fail=functools.partial(_unlink_quiet, tmp),
-                undo=functools.partial(_unlink_quiet, dst),
-            ),
+            _Op(apply=_in_place, dirs=(self._queue,), undo=functools.partial(_unlink_quiet, dst)),
             qid,
         )
         self.stats.commits += 1
