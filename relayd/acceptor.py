@@ -61,6 +61,8 @@ ENV_FDS = "RELAYD_ACCEPTOR_FDS"  # "name=fd,name=fd": the listening sockets
 ENV_MASTER = "RELAYD_ACCEPTOR_MASTER"  # fd of this acceptor's end of the socketpair
 ENV_COUNTS = "RELAYD_ACCEPTOR_COUNTS"  # "fd:column": the shared counts and this process's column
 ENV_ON_DEMAND = "RELAYD_ACCEPTOR_ON_DEMAND"  # "1": leave when idle (processes = "auto")
+ENV_CONFIG = "RELAYD_ACCEPTOR_CONFIG"  # fd of the daemon's config text (not the file as now)
+EX_CONFIG = 78
 DRAIN_TIMEOUT = 30.0
 RESPAWN_DELAY = 1.0
 METRICS_PREFIX = b"M "  # a line of session counters, not a queue id
@@ -76,6 +78,9 @@ LEAVING_LINE = b"Q\n"  # an on-demand acceptor leaves, idle: not to be replaced
 LOAD_SAMPLE = 0.25
 BUSY_SAMPLES = 2
 BUSY_CPU = 0.8
+BUSY_SESSIONS = 2  # open SMTP sessions in the daemon: delivery alone is no reason
+AUTO_LIMIT = 32  # "auto": at most this many processes, whatever the core count
+SPAWN_BACKOFF = 5.0  # seconds after an acceptor could not be started
 # An on-demand acceptor leaves after IDLE_SAMPLES samples of IDLE_SAMPLE
 # seconds each below IDLE_CPU, with no session open at the last of them.
 IDLE_SAMPLE = 5.0
@@ -85,8 +90,16 @@ IDLE_CPU = 0.05
 
 def worker_count(config: Config) -> int:
     """Acceptor processes at most besides the daemon itself."""
-    wanted = config.server.processes or (os.cpu_count() or 1)
+    wanted = config.server.processes or min(AUTO_LIMIT, _usable_cores())
     return max(0, wanted - 1)
+
+
+def _usable_cores() -> int:
+    """Cores this process may run on (its affinity mask, which containers narrow)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def on_demand(config: Config) -> bool:
@@ -94,10 +107,19 @@ def on_demand(config: Config) -> bool:
     return config.server.processes == 0
 
 
-def wants_acceptor(busy: Sequence[float], running: int, limit: int) -> bool:
-    """Start one more acceptor? ``busy``: the daemon's latest CPU samples (1.0 = a core)."""
+def wants_acceptor(busy: Sequence[float], running: int, limit: int, sessions: int) -> bool:
+    """Start one more acceptor? ``busy``: the daemon's latest CPU samples (1.0 = a core).
+
+    Only while clients are connected: a daemon busy delivering alone would
+    gain nothing from a process that accepts.
+    """
     recent = list(busy)[-BUSY_SAMPLES:]
-    return running < limit and len(recent) == BUSY_SAMPLES and min(recent) >= BUSY_CPU
+    return (
+        running < limit
+        and sessions >= BUSY_SESSIONS
+        and len(recent) == BUSY_SAMPLES
+        and min(recent) >= BUSY_CPU
+    )
 
 
 def wants_to_leave(busy: Sequence[float], sessions: int) -> bool:
@@ -146,6 +168,7 @@ class AcceptorPool:
     on_lost: Callable[[], None]
     shared: SharedCounts | None = None
     metrics: Metrics | None = None
+    config_text: str = ""  # the daemon's current config, as acceptors must run it
     workers: list[_Worker] = field(default_factory=list)
     _stopping: bool = False
     _watchers: set[asyncio.Task[None]] = field(default_factory=set)
@@ -154,6 +177,7 @@ class AcceptorPool:
     _limit: int = 0
     _fds: dict[str, int] = field(default_factory=dict)
     _load_task: asyncio.Task[None] | None = None
+    _broken: bool = False  # an acceptor could not load the config: none until a reload
 
     async def start(self, count: int, fds: dict[str, int], on_demand: bool = False) -> None:
         """Start ``count`` acceptors and wait until each listens (or gives up).
@@ -164,6 +188,9 @@ class AcceptorPool:
         On demand, none is started now: up to ``count`` come with load.
         """
         self._on_demand, self._limit, self._fds = on_demand, count, fds
+        self._broken = False
+        if self.shared is None:
+            return  # limits could not be shared: the daemon stays alone
         if on_demand:
             if self._load_task is None and count:
                 self._load_task = asyncio.create_task(self._follow_load(), name="acceptor-load")
@@ -184,9 +211,20 @@ class AcceptorPool:
         while not self._stopping:
             await asyncio.sleep(LOAD_SAMPLE)
             running = sum(1 for w in self.workers if not w.retiring)
-            if not wants_acceptor(sampler.sample(), running, self._limit):
+            sessions = self.shared.column_total(0) if self.shared is not None else 0
+            busy = sampler.sample()
+            if self._broken or not wants_acceptor(busy, running, self._limit, sessions):
                 continue
-            worker = await self._spawn(self._fds)
+            try:
+                worker = await self._spawn(self._fds)
+            except Exception as exc:  # EMFILE, EAGAIN from fork: try again later
+                log.event(
+                    "master",
+                    f"warning: cannot start an acceptor process: {exc}",
+                    level=logging.WARNING,
+                )
+                await asyncio.sleep(SPAWN_BACKOFF)
+                worker = None
             if worker is not None:
                 log.event("master", f"busy: started acceptor process {worker.proc.pid} on demand")
                 await self._until_ready([worker])
@@ -197,6 +235,8 @@ class AcceptorPool:
         old, self.workers = self.workers, []
         if self._load_task is not None and not (on_demand and count):
             self._load_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._load_task  # a spawn it had begun is recorded first
             self._load_task = None
         await self.start(count, fds, on_demand)
         for worker in old:
@@ -245,12 +285,16 @@ class AcceptorPool:
             log.event("master", "warning: no column left for another acceptor process")
             return None
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        shared_fds = [self.shared.fd] if self.shared is not None else []
+        extra_fds = [self.shared.fd] if self.shared is not None else []
         env = _child_env(fds, theirs.fileno())
         if self.shared is not None:
             env[ENV_COUNTS] = f"{self.shared.fd}:{column}"
         if self._on_demand:
             env[ENV_ON_DEMAND] = "1"
+        config_fd = _config_fd(self.config_text) if self.config_text else None
+        if config_fd is not None:
+            env[ENV_CONFIG] = str(config_fd)
+            extra_fds.append(config_fd)
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -258,15 +302,25 @@ class AcceptorPool:
                 "relayd.acceptor",
                 "--config",
                 str(self.config_path),
-                pass_fds=[*fds.values(), theirs.fileno(), *shared_fds],
+                pass_fds=[*fds.values(), theirs.fileno(), *extra_fds],
                 env=env,
             )
         except BaseException:
             self._give_back(column)
+            mine.close()
             raise
         finally:
             theirs.close()
-        reader, writer = await asyncio.open_unix_connection(sock=mine)
+            if config_fd is not None:
+                os.close(config_fd)
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=mine)
+        except BaseException:  # never leave a process nobody watches
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            self._give_back(column)
+            raise
         ready = asyncio.Event()
         worker = _Worker(
             proc, asyncio.create_task(self._read(proc.pid, reader, writer, ready)), ready, column
@@ -323,22 +377,48 @@ class AcceptorPool:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(worker.reader_task, 5)  # every announcement read
         self._give_back(worker.column)
-        if worker.retiring or self._stopping:
-            if worker in self.workers:
-                self.workers.remove(worker)
-            return
-        log.event(
-            "master",
-            f"warning: acceptor process {worker.proc.pid} exited with "
-            f"status {code}; starting another",
-            level=logging.WARNING,
-        )
-        self.on_lost()
         if worker in self.workers:
             self.workers.remove(worker)
+        if code != 0 and not self._stopping:
+            self.on_lost()  # what it committed but never announced
+        if worker.retiring or self._stopping:
+            return
+        if code == EX_CONFIG:
+            self._broken = True
+            log.event(
+                "master",
+                f"error: acceptor process {worker.proc.pid} could not load the "
+                "configuration; no acceptor runs until the next reload",
+                level=logging.ERROR,
+            )
+            return
+        again = "" if self._on_demand else "; starting another"
+        log.event(
+            "master",
+            f"warning: acceptor process {worker.proc.pid} exited with status {code}{again}",
+            level=logging.WARNING,
+        )
+        if self._on_demand:
+            return  # the load decides whether another is needed
         await asyncio.sleep(RESPAWN_DELAY)
-        if not self._stopping:
+        if not self._stopping and not self._broken:
             await self._spawn(fds)
+
+
+def _config_fd(text: str) -> int:
+    """A readable fd holding ``text``, for a child to inherit."""
+    fd = os.memfd_create("relayd-config", os.MFD_CLOEXEC)
+    data = text.encode()
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _read_config_fd(fd: int) -> str:
+    with os.fdopen(fd, "rb") as f:
+        return f.read().decode()
 
 
 def _child_env(fds: dict[str, int], master_fd: int) -> dict[str, str]:
@@ -470,12 +550,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="relayd-acceptor", description=__doc__)
     parser.add_argument("--config", required=True)
     args = parser.parse_args(argv)
+    given = os.environ.get(ENV_CONFIG)
     try:
-        config = load_config(Path(args.config))
+        text = _read_config_fd(int(given)) if given else None
+        config = load_config(Path(args.config), text)
     except ConfigError as exc:
         for line in exc.problems:
             print(line, file=sys.stderr)
-        return 78
+        return EX_CONFIG
     log.setup(config.logging.level, config.logging.target)
     logging.getLogger("mail.log").setLevel(logging.CRITICAL)
     inherited, master, shared, column = _inherited()

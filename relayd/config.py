@@ -12,6 +12,7 @@ like "25MB", got "lots"`` so an operator can fix them all in one edit.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import json
@@ -322,6 +323,9 @@ class Config:
     # Where each key sits in the source file, so that check_files can point
     # at the line naming a bad file. Not part of the config's value.
     lines: LineMap | None = field(default=None, compare=False, repr=False)
+    # The text this config was parsed from, so that a process started later
+    # (an acceptor) runs on exactly this config, not on an edited file.
+    text: str = field(default="", compare=False, repr=False)
 
 
 # ---------------------------------------------------------------------------
@@ -1653,15 +1657,17 @@ def _syntax_error(path: Path, text: str, error: tomllib.TOMLDecodeError) -> str:
     return f"relayd: {path}:{match[1]}: TOML syntax error: {detail}"
 
 
-def load_config(path: Path) -> Config:
+def load_config(path: Path, text: str | None = None) -> Config:
     """Read, parse and validate ``path``; raise ConfigError with every problem.
 
     Everything is checked before anything is refused, so one run lists all
     the problems and the operator fixes them in one edit. Files the config
     names are not opened here (see check_files): a reload must not fail on
-    a certificate that is being renewed at that very moment.
+    a certificate that is being renewed at that very moment. With ``text``
+    the file is not read: ``text`` is taken as its content.
     """
-    text = _read_text(path)
+    if text is None:
+        text = _read_text(path)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
@@ -1670,7 +1676,7 @@ def load_config(path: Path) -> Config:
     config = _build(_Loader(report, data, path.absolute().parent))
     if report.errors:
         raise ConfigError(report.error_lines(), partial=config)
-    return config
+    return dataclasses.replace(config, text=text)
 
 
 def _build(loader: _Loader) -> Config:

@@ -95,7 +95,12 @@ class Daemon:
         self.api: ApiServer | None = None  # made at start if [api] address is set
         self.scheduler.on_removed = self._left_queue
         self.acceptors = AcceptorPool(
-            config.source, self._announced, self._rescan, shared=self.shared, metrics=self.metrics
+            config.source,
+            self._announced,
+            self._rescan,
+            shared=self.shared,
+            metrics=self.metrics,
+            config_text=config.text,
         )
         self._stop = asyncio.Event()
         self._ledger_writes: set[asyncio.Future[None]] = set()
@@ -285,6 +290,7 @@ class Daemon:
             text = _bind_problem(exc, config) if isinstance(exc, OSError) else str(exc)
             return self._reload_failed(text)
         self._warn_restart_only(config)
+        self._warn_counts_size(config)
         self.config, self.services, self.users = config, services, users
         self.rate_limiter.reconfigure(config.rate_limits)
         self.connections.reconfigure(config.limits)
@@ -293,6 +299,7 @@ class Daemon:
         old_agent = self.agent
         self.agent = _agent(config)
         self.scheduler.reconfigure(config, self.agent)
+        self.acceptors.config_text = config.text
         await self.acceptors.replace(
             self._acceptors_wanted(config), self.listeners.fds(), on_demand(config)
         )
@@ -322,6 +329,18 @@ class Daemon:
                     level=logging.WARNING,
                 )
 
+    def _warn_counts_size(self, config: Config) -> None:
+        """The shared counts were sized at start; far more clients need a restart."""
+        if self.shared is not None and 2 * config.limits.max_connections > self.shared.conn_slots:
+            log.event(
+                "master",
+                f"warning: {config.source}: [limits] max_connections = "
+                f"{config.limits.max_connections} is above what the connection counts were "
+                f"made for at start ({self.shared.conn_slots // 2}); until a restart "
+                "(systemctl restart relayd) some connections may be refused with 421 early",
+                level=logging.WARNING,
+            )
+
     def _reload_failed(self, text: str) -> str:
         log.event(
             "master",
@@ -349,12 +368,12 @@ class Daemon:
 def _shared_counts(config: Config) -> SharedCounts | None:
     try:
         return SharedCounts.create(config.limits.max_connections)
-    except OSError as exc:  # e.g. RLIMIT_FSIZE below the segment's 9 MB
+    except (OSError, AttributeError) as exc:  # RLIMIT_FSIZE below its size; no memfd
         log.event(
             "master",
             f"warning: cannot create the counts shared between processes ({exc}); "
-            "relayd runs as one process (raise LimitFSIZE, or set [server] processes = 1 "
-            "to silence this)",
+            "relayd runs as one process, whatever [server] processes says "
+            "(LimitFSIZE in the unit must allow 16 MB)",
             level=logging.WARNING,
         )
         return None

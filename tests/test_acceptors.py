@@ -235,10 +235,11 @@ def test_connection_and_rate_limits_hold_across_processes(tmp_path: Path) -> Non
 def test_on_demand_decisions() -> None:
     from relayd.acceptor import wants_acceptor, wants_to_leave
 
-    assert not wants_acceptor([1.2], running=0, limit=1)  # one busy sample is a blip
-    assert wants_acceptor([0.1, 0.9, 1.3], running=0, limit=1)
-    assert not wants_acceptor([0.9, 0.5], running=0, limit=1)
-    assert not wants_acceptor([1.0, 1.0], running=1, limit=1)  # every core has one
+    assert not wants_acceptor([1.2], running=0, limit=1, sessions=20)  # a blip
+    assert wants_acceptor([0.1, 0.9, 1.3], running=0, limit=1, sessions=20)
+    assert not wants_acceptor([0.9, 0.5], running=0, limit=1, sessions=20)
+    assert not wants_acceptor([1.0, 1.0], running=1, limit=1, sessions=20)  # every core has one
+    assert not wants_acceptor([1.0, 1.0], running=0, limit=1, sessions=0)  # busy delivering
     quiet = [0.01] * 12
     assert wants_to_leave(quiet, sessions=0)
     assert not wants_to_leave(quiet, sessions=1)  # never with a client connected
@@ -276,10 +277,33 @@ def test_auto_starts_an_acceptor_when_the_daemon_is_busy(tmp_path: Path) -> None
             done.set()
             for client in clients:
                 client.join(timeout=15)
-        [pid] = acceptor_pids(daemon)
+        pid = acceptor_pids(daemon)[0]
         wait_for(lambda: f"busy: started acceptor process {pid} on demand" in r.log())
         wait_for(lambda: f"acceptor process {pid} ready" in r.log())
         with r.smtp("inbound") as s:  # and everything still works
             s.ehlo("client.test")
             send(s, "alice@sender.test", ["after@example.org"], MSG)
         assert r.stop() == 0
+
+
+def test_acceptors_run_the_daemons_config_not_an_edited_file(
+    world: tuple[Relayd, MXServer],
+) -> None:
+    """An edit without a reload must not reach a process started after it."""
+    r, _ = world
+    assert r.proc is not None
+    daemon = r.proc.pid
+    text = r.config_text()
+    assert 'hostname = "' in text
+    edited = re.sub(r'hostname = "[^"]*"', 'hostname = "edited.example"', text, count=1)
+    r.config_path.write_text(edited)
+    victims = acceptor_pids(daemon)
+    for victim in victims:  # the replacements start after the edit
+        os.kill(victim, signal.SIGKILL)
+    wait_for(
+        lambda: len(acceptor_pids(daemon)) == 2 and not set(victims) & set(acceptor_pids(daemon))
+    )
+    wait_for(lambda: all(f"acceptor process {p} ready" in r.log() for p in acceptor_pids(daemon)))
+    for _ in range(30):
+        with r.smtp("inbound") as s:
+            assert b"edited.example" not in s.ehlo("client.test")[1]

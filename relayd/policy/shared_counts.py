@@ -59,7 +59,7 @@ from relayd.policy.verdict import Refuse, Verdict
 MAGIC = b"relayd01"
 COLUMNS = 128  # the daemon is column 0; acceptors (old and new during a reload) the rest
 PROBE = 8  # slots a key may live in, from its hash on
-MIN_CONNECTION_SLOTS = 1024
+MIN_CONNECTION_SLOTS = 4096
 
 # magic, hashing key, slot counts, open connections, and those per column
 _HEADER = struct.Struct(f"<8s16sIII{COLUMNS}I")
@@ -156,7 +156,7 @@ class SharedCounts:
 
     def _add_total(self, column: int, delta: int) -> None:
         for at in (_TOTAL_AT, _TOTALS_AT + 4 * column):
-            _U32.pack_into(self.map, at, _U32.unpack_from(self.map, at)[0] + delta)
+            _U32.pack_into(self.map, at, max(0, _U32.unpack_from(self.map, at)[0] + delta))
 
     def connection_slot(self, digest: bytes, create: bool) -> int | None:
         """Offset of the slot counting ``digest``; with ``create``, an empty one if none."""
@@ -176,24 +176,33 @@ class SharedCounts:
         return int(_U32.unpack_from(self.map, at + _DIGEST)[0])
 
     def add_connection(self, at: int, column: int, delta: int) -> None:
+        # Clamped at 0: a process killed between these writes must not leave
+        # a count that a later release would take below zero.
         col = at + _DIGEST + 4 + 4 * column
         mine = _U32.unpack_from(self.map, col)[0] + delta
-        _U32.pack_into(self.map, col, mine)
-        _U32.pack_into(self.map, at + _DIGEST, self.open_from(at) + delta)
+        _U32.pack_into(self.map, col, max(0, mine))
+        _U32.pack_into(self.map, at + _DIGEST, max(0, self.open_from(at) + delta))
         self._add_total(column, delta)
 
     def forget_column(self, column: int) -> None:
-        """A process has exited: its connections no longer count."""
+        """A process has exited: its connections no longer count.
+
+        The totals are recounted from the slots, so a process killed halfway
+        through an update leaves nothing wrong behind.
+        """
         with self.locked():
-            m = self.map
+            m, total = self.map, 0
             for i in range(self.conn_slots + PROBE):
                 at = self.conn_at + i * _CONN_SLOT
+                if not self.open_from(at):
+                    continue
                 col = at + _DIGEST + 4 + 4 * column
-                mine = _U32.unpack_from(m, col)[0]
-                if mine:
-                    _U32.pack_into(m, col, 0)
-                    _U32.pack_into(m, at + _DIGEST, max(0, self.open_from(at) - mine))
-            self._add_total(column, -self.column_total(column))
+                _U32.pack_into(m, col, 0)
+                left = sum(struct.unpack_from(f"<{COLUMNS}I", m, at + _DIGEST + 4))
+                _U32.pack_into(m, at + _DIGEST, left)
+                total += left
+            _U32.pack_into(m, _TOTALS_AT + 4 * column, 0)
+            _U32.pack_into(m, _TOTAL_AT, total)
 
     def connection_keys(self) -> int:
         m = self.map
