@@ -44,7 +44,6 @@ import struct
 import time
 import weakref
 from collections.abc import Iterator
-from typing import ClassVar
 
 from relayd.config import Limits, Rate, RateLimits
 from relayd.policy.ratelimit import (
@@ -358,14 +357,12 @@ class _SharedTable:
 class SharedRateLimiter(RateLimiter):
     """:class:`RateLimiter`'s sliding windows, counted across every process."""
 
-    _names: ClassVar[tuple[str, ...]] = LIMIT_NAMES
-
     def __init__(self, limits: RateLimits, shared: SharedCounts) -> None:
         super().__init__(limits)
         self.shared = shared
         self._tables = {
             name: _SharedTable(shared, i)  # type: ignore[misc]
-            for i, name in enumerate(self._names)
+            for i, name in enumerate(LIMIT_NAMES)
         }
 
     def reconfigure(self, limits: RateLimits) -> None:
@@ -375,7 +372,7 @@ class SharedRateLimiter(RateLimiter):
     def tracked(self) -> int:
         now, total = time.time(), 0
         with self.shared.locked():
-            for i, name in enumerate(self._names):
+            for i, name in enumerate(LIMIT_NAMES):
                 rate = getattr(self.limits, name)
                 width = rate.per_seconds if rate is not None else 3600.0
                 total += self.shared.rate_keys(i, now, width)
@@ -396,22 +393,9 @@ class SharedRateLimiter(RateLimiter):
             return super().check(now, ip, user, sender_domain, record=record)
 
 
-def limits_counters(
-    shared: SharedCounts, column: int, limits: Limits, rates: RateLimits
-) -> tuple[SharedConnectionCounter, SharedRateLimiter]:
-    """The connection counter and rate limiter of the process owning ``column``."""
-    return (
-        SharedConnectionCounter(
-            shared, column, limits.max_connections, limits.max_connections_per_ip
-        ),
-        SharedRateLimiter(rates, shared),
-    )
-
-
 __all__ = [
     "COLUMNS",
     "SharedConnectionCounter",
     "SharedCounts",
     "SharedRateLimiter",
-    "limits_counters",
 ]
