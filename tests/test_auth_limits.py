@@ -72,15 +72,6 @@ def codes(replies: list[str]) -> dict[str, int]:
     return out
 
 
-def wait_until(check: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise TimeoutError("condition not met in time")
-
-
 def start(tmp_path: Path, extra: str = "") -> Relayd:
     r = Relayd(tmp_path, extra=extra)
     r.add_user(ALICE, ALICE_PW)

@@ -15,7 +15,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,17 +23,9 @@ from support.dnsserver import DNSServer
 from support.mxserver import MXServer
 from support.ports import free_port
 from support.relayd_proc import Relayd, send
+from support.waiting import wait_for
 
 MSG = b"From: a@sender.test\r\nSubject: crash\r\n\r\nbody\r\n"
-
-
-def wait_for(check: Callable[[], object], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise TimeoutError("condition not met in time")
 
 
 def queue_empty(r: Relayd) -> bool:
@@ -75,7 +67,7 @@ def test_sigkill_while_the_next_hop_hangs_after_data(
     r.start()
     [got] = mx.wait_for_messages(1, timeout=20)
     assert got.rcpt_tos == ["bob@example.org"]
-    wait_for(lambda: queue_empty(r))
+    wait_for(lambda: queue_empty(r), timeout=20)
 
 
 def test_sigkill_right_after_the_remote_250(world: tuple[Relayd, MXServer, DNSServer]) -> None:
@@ -123,7 +115,7 @@ def test_sigkill_right_after_the_remote_250(world: tuple[Relayd, MXServer, DNSSe
     r.proc.wait(10)
     r.proc = None
     r.start()
-    wait_for(lambda: queue_empty(r))
+    wait_for(lambda: queue_empty(r), timeout=20)
     # Delivered at least once; a second delivery is allowed after a crash, a loss is not.
     assert delivered.count("bob@example.org") >= 1
 
@@ -153,7 +145,7 @@ def test_state_write_failing_after_250_neither_loses_nor_resends(
         with r.smtp("inbound") as s:
             s.ehlo("client.test")
             send(s, "a@sender.test", ["carol@example.org"], MSG)
-        wait_for(lambda: any("carol@example.org" in m.rcpt_tos for m in mx.messages))
+        wait_for(lambda: any("carol@example.org" in m.rcpt_tos for m in mx.messages), timeout=20)
         assert r.proc is not None and r.proc.poll() is None
     finally:
         state.unlink()
@@ -162,8 +154,8 @@ def test_state_write_failing_after_250_neither_loses_nor_resends(
     assert r.stop() == 0
     mx.reply_for("later@example.net", "250 2.1.5 ok")
     r.start()
-    wait_for(lambda: any("later@example.net" in m.rcpt_tos for m in mx.messages))
-    wait_for(lambda: queue_empty(r))
+    wait_for(lambda: any("later@example.net" in m.rcpt_tos for m in mx.messages), timeout=20)
+    wait_for(lambda: queue_empty(r), timeout=20)
     shutil.rmtree(r.spool / "corrupt", ignore_errors=True)
 
 
@@ -203,13 +195,13 @@ def test_removal_failing_after_250_does_not_resend(
         s.ehlo("client.test")
         qid = send(s, "a@sender.test", ["bob@example.org"], MSG)
     queue, saved = r.spool / "queue", r.spool / "queue.saved"
-    wait_for(lambda: mx.connections >= 1)
+    wait_for(lambda: mx.connections >= 1, timeout=20)
     time.sleep(0.5)  # the message is being sent; its data is already read
     queue.rename(saved)
     queue.write_text("not a directory\n")
     answer.set()
     try:
-        wait_for(lambda: f"{qid}: to=<bob@example.org>" in r.log())
+        wait_for(lambda: f"{qid}: to=<bob@example.org>" in r.log(), timeout=20)
         time.sleep(3)  # several retry intervals of 1 s
         assert delivered == ["message"]  # once, however the removal went
         assert r.proc is not None and r.proc.poll() is None
@@ -220,5 +212,5 @@ def test_removal_failing_after_250_does_not_resend(
     with r.smtp("inbound") as s:
         s.ehlo("client.test")
         send(s, "a@sender.test", ["carol@example.org"], MSG)
-    wait_for(lambda: len(delivered) >= 2)
+    wait_for(lambda: len(delivered) >= 2, timeout=20)
     assert len(delivered) == 2

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import pytest
 from support.lmtpserver import LMTPServer
 from support.ports import free_port
 from support.relayd_proc import Relayd, send
+from support.waiting import wait_for
 
 from relayd.config import load_config
 from relayd.delivery import lmtp
@@ -29,15 +29,6 @@ def inject(r: Relayd, rcpts: list[str]) -> str:
         return send(s, "alice@example.com", rcpts, MSG)
 
 
-def wait(check: Any, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise TimeoutError("condition not met in time")
-
-
 def relayd_with_route(tmp_path: Path, via: str) -> Relayd:
     r = Relayd(tmp_path)
     r.extra = f'[[route]]\ndomain = "example.org"\nvia = "{via}"\n[delivery]\nretry = ["1h"]\n'
@@ -50,7 +41,7 @@ def test_maildir_route_delivers_one_file_per_message(tmp_path: Path) -> None:
     with relayd_with_route(tmp_path, f"maildir:{box}") as r:
         r.start()
         qid = inject(r, ["bob@example.org", "carol@example.org"])
-        wait(lambda: qid not in queue(r))
+        wait_for(lambda: qid not in queue(r))
         (delivered,) = list((box / "new").iterdir())
         data = delivered.read_bytes()
         assert data.startswith(
@@ -68,7 +59,7 @@ def test_an_unwritable_maildir_defers_and_says_why(tmp_path: Path) -> None:
     with relayd_with_route(tmp_path, f"maildir:{blocker}") as r:
         r.start()
         qid = inject(r, ["bob@example.org"])
-        wait(lambda: queue(r)[qid]["attempts"] == 1)
+        wait_for(lambda: queue(r)[qid]["attempts"] == 1)
         reason = queue(r)[qid]["recipients"][0]["delay_reason"]
         assert "cannot write to Maildir" in reason
 
@@ -84,7 +75,7 @@ def test_lmtp_gives_each_recipient_its_own_outcome(tmp_path: Path, kind: str) ->
     with server, relayd_with_route(tmp_path, via) as r:
         r.start()
         qid = inject(r, ["bob@example.org", "full@example.org", "nouser@example.org"])
-        wait(lambda: queue(r).get(qid, {}).get("attempts") == 1)
+        wait_for(lambda: queue(r).get(qid, {}).get("attempts") == 1)
         assert [(d.recipient, d.sender) for d in server.delivered] == [
             ("bob@example.org", "alice@example.com")
         ]
@@ -104,7 +95,7 @@ def test_lmtp_server_down_defers_every_recipient(tmp_path: Path) -> None:
     with relayd_with_route(tmp_path, f"lmtp:127.0.0.4:{port}") as r:
         r.start()
         qid = inject(r, ["bob@example.org"])
-        wait(lambda: queue(r)[qid]["attempts"] == 1)
+        wait_for(lambda: queue(r)[qid]["attempts"] == 1)
         assert "connect to LMTP" in queue(r)[qid]["recipients"][0]["delay_reason"]
 
 

@@ -19,6 +19,7 @@ import pytest
 from support.mxserver import MXServer
 from support.ports import free_port
 from support.relayd_proc import Relayd, send
+from support.waiting import wait_for
 
 from relayd.config import load_config
 
@@ -41,15 +42,6 @@ def inject(r: Relayd, rcpts: list[str], sender: str = "alice@example.com") -> st
     with r.smtp("inbound") as s:
         s.ehlo("client.test")
         return send(s, sender, rcpts, message)
-
-
-def wait(check: Any, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise TimeoutError("condition not met in time")
 
 
 @pytest.fixture
@@ -78,17 +70,17 @@ def test_pause_keeps_mail_queued_and_resume_delivers_it(live: tuple[Relayd, MXSe
     time.sleep(1.0)
     assert mx.messages == [] and qid in queue(r)
     ctl(r, "delivery", "resume")
-    wait(lambda: len(mx.messages) == 1)
-    wait(lambda: qid not in queue(r))
+    wait_for(lambda: len(mx.messages) == 1)
+    wait_for(lambda: qid not in queue(r))
 
 
 def test_flush_domain_retries_only_that_domain(live: tuple[Relayd, MXServer]) -> None:
     r, _ = live
     one = inject(r, ["a@one.test"])
     two = inject(r, ["b@two.test"])
-    wait(lambda: all(queue(r)[q]["attempts"] == 1 for q in (one, two)))
+    wait_for(lambda: all(queue(r)[q]["attempts"] == 1 for q in (one, two)))
     assert "1 message for one.test" in ctl(r, "queue", "flush", "--domain", "one.test")
-    wait(lambda: queue(r)[one]["attempts"] == 2)
+    wait_for(lambda: queue(r)[one]["attempts"] == 2)
     time.sleep(0.5)
     assert queue(r)[two]["attempts"] == 1
 
@@ -107,10 +99,10 @@ def test_hold_all_and_release_all(live: tuple[Relayd, MXServer]) -> None:
 def test_bounce_returns_the_message_to_its_sender_now(live: tuple[Relayd, MXServer]) -> None:
     r, mx = live
     qid = inject(r, ["a@one.test", "c@one.test"], sender="carol@example.org")
-    wait(lambda: queue(r)[qid]["attempts"] == 1)
+    wait_for(lambda: queue(r)[qid]["attempts"] == 1)
     ctl(r, "queue", "bounce", qid)
-    wait(lambda: qid not in queue(r))
-    wait(lambda: len(mx.messages) == 1)  # the DSN, to carol@example.org via the sink
+    wait_for(lambda: qid not in queue(r))
+    wait_for(lambda: len(mx.messages) == 1)  # the DSN, to carol@example.org via the sink
     dsn = mx.messages[0]
     assert dsn.mail_from in ("", "<>") and dsn.rcpt_tos == ["carol@example.org"]
     assert b"Action: failed" in dsn.data and b"a@one.test" in dsn.data
