@@ -21,6 +21,7 @@ session calls these from the event loop only.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import math
@@ -202,6 +203,16 @@ class RateLimiter:
         between (SPF, DMARC, size) do not use up the client's limit.
         """
         applicable = self._applicable(ip, user, sender_domain)
+        if not applicable:
+            return None
+        with self._exclusive():
+            return self._check(now, applicable, record)
+
+    def _exclusive(self) -> contextlib.AbstractContextManager[object]:
+        """Held while one check reads and counts: nothing here, as one loop calls it."""
+        return contextlib.nullcontext()
+
+    def _check(self, now: float, applicable: list[tuple[str, str, Rate]], record: bool) -> Verdict:
         hits: list[_Hit] = []
         for name, key, rate in applicable:
             table = self._tables[name]

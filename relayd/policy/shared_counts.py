@@ -378,19 +378,9 @@ class SharedRateLimiter(RateLimiter):
                 total += self.shared.rate_keys(i, now, width)
         return total
 
-    def check(
-        self,
-        now: float,
-        ip: str,
-        user: str | None = None,
-        sender_domain: str | None = None,
-        *,
-        record: bool = True,
-    ) -> Verdict:
-        if not self._applicable(ip, user, sender_domain):
-            return None  # no limit configured: not even the lock
-        with self.shared.locked():
-            return super().check(now, ip, user, sender_domain, record=record)
+    def _exclusive(self) -> contextlib.AbstractContextManager[object]:
+        """Other processes count in the same windows: one check at a time, host-wide."""
+        return self.shared.locked()
 
 
 __all__ = [
