@@ -488,6 +488,9 @@ class Acceptor:
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, lambda: None)  # the daemon decides
         loop.add_signal_handler(signal.SIGHUP, lambda: None)  # reload replaces us
+        # Held for this process's life, so that a later daemon's recovery waits
+        # until nothing it accepted can still be half-written (Spool.lock).
+        await self.spool.hold_lock(exclusive=False)
         reader, self._writer = await asyncio.open_unix_connection(sock=self.master)
         await self.listeners.apply(self.config.listeners, inherited)
         self._writer.write(READY_LINE)

@@ -41,7 +41,7 @@ from relayd.smtpd.listener import Listeners
 from relayd.smtpd.services import Services
 from relayd.smtpd.snapshot import build_services
 from relayd.spool.model import Envelope
-from relayd.spool.store import Spool, Tail
+from relayd.spool.store import LOCK_PATIENCE, Spool, Tail
 from relayd.users import UserStore
 
 if TYPE_CHECKING:
@@ -151,6 +151,19 @@ class Daemon:
         self.counters.accepted += 1
         self.scheduler.add(envelope)
 
+    async def _lock_spool(self, exclusive: bool) -> None:
+        """The spool's lock; acceptors of an earlier daemon may hold it while they drain."""
+        if self.spool.lock(exclusive):
+            return
+        log.event("master", "waiting for the acceptor processes of an earlier relayd to finish")
+        if not await self.spool.hold_lock(exclusive):
+            log.event(
+                "master",
+                f"warning: {self.spool.root}/lock still held after "
+                f"{LOCK_PATIENCE:.0f} s; going on without it",
+                level=logging.WARNING,
+            )
+
     def _acceptors_wanted(self, config: Config) -> int:
         """Without a shared segment the limits could not hold across processes: none."""
         return 0 if self.shared is None else worker_count(config)
@@ -181,7 +194,9 @@ class Daemon:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        await self._lock_spool(exclusive=True)
         self.scheduler.load(self.spool.recover())
+        await self._lock_spool(exclusive=False)  # acceptors share it
         await self.listeners.apply(self.config.listeners, systemd.listen_fds())
         await self.acceptors.start(
             self._acceptors_wanted(self.config), self.listeners.fds(), on_demand(self.config)

@@ -643,3 +643,30 @@ def test_a_colliding_queue_id_never_replaces_a_queued_message(tmp_path: Path) ->
     assert spool.read_data(first.queue_id) == b"Subject: first\r\n\r\none\r\n"
     assert spool.load(first.queue_id).sender == "a@x.test"
     assert not any((tmp_path / "spool" / "tmp").iterdir())
+
+
+def test_recovery_waits_for_a_process_still_holding_the_spool(tmp_path: Path) -> None:
+    """An acceptor of an earlier daemon holds the lock shared; the exclusive one waits for it."""
+    root = tmp_path / "spool"
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from relayd.spool.store import Spool; "
+            f"s = Spool(Path({str(root)!r})); assert s.lock(False); print('held', flush=True); "
+            "time.sleep(30)",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"held\n"
+        daemon = Spool(root)
+        assert not daemon.lock(True)
+        assert not asyncio.run(daemon.hold_lock(True, patience=0.3))
+        assert daemon.lock(False)  # sharing is fine: acceptors of one daemon
+        child.kill()
+        child.wait(timeout=10)
+        assert asyncio.run(daemon.hold_lock(True, patience=5.0))
+    finally:
+        child.kill()
+        child.wait(timeout=10)

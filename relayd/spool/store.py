@@ -80,6 +80,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import functools
 import itertools
 import json
@@ -104,6 +105,7 @@ _HEADER_MAX = 64  # "RELAYD1 " + two decimal lengths + "\n" always fits
 _WRITE_THREADS = 20
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
+LOCK_PATIENCE = 60.0  # seconds: an earlier daemon's acceptors drain for at most 30
 # Unique temporary names without a getrandom() call per state write.
 _TMP_SEQ = itertools.count()
 _STATE_SUFFIX = ".json"
@@ -350,6 +352,7 @@ class Spool:
         self._writers: Workers | None = None
         self._syncer: Workers | None = None
         self._background: set[asyncio.Future[None]] = set()
+        self._lock_fd: int | None = None
 
     # -- setup and recovery
 
@@ -358,10 +361,42 @@ class Spool:
         for d in (str(self.root), self._tmp, self._queue, self._state, self._corrupt):
             os.makedirs(d, mode=_DIR_MODE, exist_ok=True)
 
+    async def hold_lock(self, exclusive: bool, patience: float = LOCK_PATIENCE) -> bool:
+        """:meth:`lock`, waiting up to ``patience`` seconds; False if it never came."""
+        deadline = time.monotonic() + patience
+        while not self.lock(exclusive):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.1)
+        return True
+
+    def lock(self, exclusive: bool) -> bool:
+        """Take the spool's lock (``lock`` in its root): False if it is held the other way.
+
+        Every writing process holds it shared for its life; the daemon takes
+        it exclusive for ``recover`` and then shares it. Queue files are
+        written under their final name, so recovery must not run while an
+        acceptor of an earlier daemon may still be committing one: it would
+        move the unfinished file to corrupt/ after that acceptor's 250.
+        """
+        if self._lock_fd is None:
+            self.ensure()
+            self._lock_fd = os.open(
+                os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE
+            )
+        try:
+            fcntl.flock(
+                self._lock_fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+            )
+        except BlockingIOError:
+            return False
+        return True
+
     def recover(self) -> list[Envelope]:
         """Make the spool consistent after a stop or crash; every entry by arrival.
 
-        Only the daemon calls this, at start, before anything else writes.
+        Only the daemon calls this, at start, before anything else writes
+        (it holds :meth:`lock` exclusive meanwhile).
         """
         self.ensure()
         for name in os.listdir(self._tmp):
