@@ -156,3 +156,16 @@ def test_an_acceptor_cannot_open_something_else() -> None:
         raise AssertionError("a foreign segment was accepted")
     finally:
         os.close(fd)
+
+
+def test_max_connections_distinct_clients_all_fit() -> None:
+    """Slots are never what refuses a client while the total is under the maximum."""
+    for maximum in (1000, 2048, 5000):
+        shared = SharedCounts.create(maximum)
+        (counter,) = counters(shared, 1, total=maximum, per_ip=1)
+        refused = [
+            i for i in range(maximum) if counter.acquire(f"10.{i >> 16}.{i >> 8 & 255}.{i & 255}")
+        ]
+        assert refused == [], (maximum, len(refused))
+        assert counter.total == maximum
+        assert counter.acquire("192.0.2.1") is not None  # the maximum itself still holds

@@ -57,7 +57,7 @@ from relayd.policy.verdict import Refuse, Verdict
 
 MAGIC = b"relayd01"
 COLUMNS = 128  # the daemon is column 0; acceptors (old and new during a reload) the rest
-PROBE = 8  # slots a key may live in, from its hash on
+PROBE = 16  # slots a key may live in, from its hash on
 MIN_CONNECTION_SLOTS = 4096
 
 # magic, hashing key, slot counts, open connections, and those per column
@@ -86,7 +86,6 @@ class SharedCounts:
 
     def __init__(self, fd: int, *, owner: bool) -> None:
         self.fd = fd
-        self.owner = owner
         self.alone = owner  # the daemon with no acceptor running: no lock needed
         size = os.fstat(fd).st_size
         self.map = mmap.mmap(fd, size)
@@ -104,7 +103,7 @@ class SharedCounts:
     @classmethod
     def create(cls, max_connections: int, max_rate_keys: int = DEFAULT_MAX_KEYS) -> SharedCounts:
         """A new, empty segment sized for ``max_connections`` distinct clients at once."""
-        conn_slots = _pow2(max(MIN_CONNECTION_SLOTS, 2 * max_connections))
+        conn_slots = _pow2(max(MIN_CONNECTION_SLOTS, 4 * max_connections))
         rate_slots = _pow2(max_rate_keys)
         size = (
             mmap.PAGESIZE
