@@ -12,7 +12,6 @@ like "25MB", got "lots"`` so an operator can fix them all in one edit.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import ipaddress
 import json
@@ -1673,13 +1672,13 @@ def load_config(path: Path, text: str | None = None) -> Config:
     except tomllib.TOMLDecodeError as error:
         raise ConfigError([_syntax_error(path, text, error)]) from None
     report = _Report(path, LineMap.scan(text))
-    config = _build(_Loader(report, data, path.absolute().parent))
+    config = _build(_Loader(report, data, path.absolute().parent), text)
     if report.errors:
         raise ConfigError(report.error_lines(), partial=config)
-    return dataclasses.replace(config, text=text)
+    return config
 
 
-def _build(loader: _Loader) -> Config:
+def _build(loader: _Loader, text: str) -> Config:
     _check_top_level(loader)
     hostname = _read_hostname(loader)
     listeners = _read_listeners(loader)
@@ -1720,7 +1719,7 @@ def _build(loader: _Loader) -> Config:
                 "proxy_from lists no balancer, so every connection would be closed; add "
                 'the balancer\'s address, like proxy_from = ["10.0.0.5"]',
             )
-    return replace(config, warnings=tuple(loader.report.warning_lines()))
+    return replace(config, warnings=tuple(loader.report.warning_lines()), text=text)
 
 
 # ---------------------------------------------------------------------------

@@ -52,6 +52,9 @@ DELIVERY_GRACE = 0.5  # deliveries that finish this quickly are not cut
 STATUS_INTERVAL = 15.0
 
 
+RESCAN_SETTLE = 60.0  # seconds: far longer than a commit takes on a working disk
+
+
 @dataclass
 class Counters:
     started: float = field(default_factory=time.time)
@@ -106,6 +109,7 @@ class Daemon:
         self._ledger_writes: set[asyncio.Future[None]] = set()
         self._reload_lock = asyncio.Lock()
         self._closing: asyncio.Future[None] | None = None
+        self._second_look: asyncio.TimerHandle | None = None  # see _rescan
 
     # ---- building the snapshot -------------------------------------------
 
@@ -172,23 +176,34 @@ class Daemon:
         """After an acceptor died: pick up what it committed but never announced.
 
         A queue file younger than RESCAN_SETTLE may be one a live acceptor is
-        still writing (the spool writes under the final name); it is looked
-        at again once it is that old, by when its writer has announced it
-        or given up on it.
+        still writing (the spool writes under the final name); those are
+        looked at again, once, when they are that old, by when their writer
+        has announced them or given up on them.
         """
-        young = False
-        for queue_id in self.spool.queue_ids():
+        young = self._adopt(self.spool.queue_ids())
+        if young and self._second_look is None:
+            self._second_look = asyncio.get_running_loop().call_later(
+                RESCAN_SETTLE, self._look_again, young
+            )
+
+    def _look_again(self, queue_ids: list[str]) -> None:
+        self._second_look = None
+        self._adopt(queue_ids, settle=0.0)
+
+    def _adopt(self, queue_ids: list[str], settle: float = RESCAN_SETTLE) -> list[str]:
+        """Announce the unknown ones at least ``settle`` seconds old; the younger ones."""
+        young = []
+        for queue_id in queue_ids:
             if self.scheduler.knows(queue_id):
                 continue
             age = self.spool.age(queue_id)
             if age is None:
                 continue
-            if age < RESCAN_SETTLE:
-                young = True
+            if age < settle:
+                young.append(queue_id)
                 continue
             self._announced(queue_id)
-        if young:
-            asyncio.get_running_loop().call_later(RESCAN_SETTLE, self._rescan)
+        return young
 
     # ---- running --------------------------------------------------------------
 
@@ -421,7 +436,6 @@ def run(config: Config) -> int:
 
 
 EX_TEMPFAIL = 75
-RESCAN_SETTLE = 60.0  # seconds: far longer than a commit takes on a working disk
 
 
 def _exit_status(exc: OSError) -> int:

@@ -282,7 +282,6 @@ class _Op:
     dirs: tuple[str, ...]  # directories whose fsync makes ``apply`` durable
     on_fail: Callable[[], None] | None = None  # after ``apply`` raised
     undo: Callable[[], None] | None = None  # after a directory fsync failed
-    after: Callable[[], None] | None = None  # once durable
     changed: bool = False
     error: OSError | None = None
 
@@ -306,12 +305,6 @@ def _run_batch(ops: Sequence[_Op]) -> int:
             _sync_dir(d)
         except OSError as e:
             _fail_dir(ops, d, e)
-    for op in ops:
-        if op.error is None and op.after:
-            try:
-                op.after()
-            except OSError as e:  # leftovers are recover()'s job; the op itself is durable
-                log.warning("spool cleanup failed: %s", e)
     return len(dirs)
 
 
@@ -715,8 +708,8 @@ class Spool:
 async def _wait_through_cancel(future: asyncio.Future[Any]) -> bool:
     """Wait until ``future`` is done even if we are cancelled; True if we were.
 
-    The batch thread is renaming files: the callers must learn how that went,
-    whatever happens to the task that waits for it.
+    The batch thread is changing directories (renames, unlinks, fsyncs): the
+    callers must learn how that went, whatever happens to the task waiting.
     """
     cancelled = False
     while not future.done():
