@@ -501,8 +501,7 @@ class Scheduler:
             return b"", []
         if env.queue_id in self._bouncing:
             self._bouncing.discard(env.queue_id)
-            data = await asyncio.to_thread(self._spool.read_data, env.queue_id)
-            return data, [self._returned(recipients)]
+            return await self._read(env), [self._returned(recipients)]
         try:
             data = await self._read(env)
         except Exception as exc:

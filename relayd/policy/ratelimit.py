@@ -252,6 +252,12 @@ def _refusal(hit: _Hit) -> Refuse:
     )
 
 
+def too_many_connections(key: str | None = None) -> Refuse:
+    """The 421 for a connection over ``max_connections`` (or, with ``key``, per client)."""
+    who = f" from {key}" if key else ""
+    return Refuse(421, "4.7.0", f"too many connections{who}, try again later")
+
+
 class ConnectionCounter:
     """Open connections in total and per client, against ``[limits]``.
 
@@ -284,9 +290,9 @@ class ConnectionCounter:
         """Count a new connection, or refuse it with 421 4.7.0 (nothing is counted then)."""
         key = client_key(ip)
         if self.total >= self.max_total:
-            return Refuse(421, "4.7.0", "too many connections, try again later")
+            return too_many_connections()
         if self._per_ip.get(key, 0) >= self.max_per_ip:
-            return Refuse(421, "4.7.0", f"too many connections from {key}, try again later")
+            return too_many_connections(key)
         self.total += 1
         self._per_ip[key] = self._per_ip.get(key, 0) + 1
         return None
@@ -311,4 +317,5 @@ __all__ = [
     "RateLimiter",
     "client_key",
     "rate_text",
+    "too_many_connections",
 ]

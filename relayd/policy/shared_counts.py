@@ -52,8 +52,9 @@ from relayd.policy.ratelimit import (
     RateLimiter,
     _Window,
     client_key,
+    too_many_connections,
 )
-from relayd.policy.verdict import Refuse, Verdict
+from relayd.policy.verdict import Verdict
 
 MAGIC = b"relayd01"
 COLUMNS = 128  # the daemon is column 0; acceptors (old and new during a reload) the rest
@@ -298,12 +299,12 @@ class SharedConnectionCounter:
         shared = self.shared
         with shared.locked():
             if shared.total() >= self.max_total:
-                return Refuse(421, "4.7.0", "too many connections, try again later")
+                return too_many_connections()
             at = shared.connection_slot(shared.digest(key), create=True)
             if at is None:  # every slot this key may use is busy: as good as full
-                return Refuse(421, "4.7.0", "too many connections, try again later")
+                return too_many_connections()
             if shared.open_from(at) >= self.max_per_ip:
-                return Refuse(421, "4.7.0", f"too many connections from {key}, try again later")
+                return too_many_connections(key)
             shared.add_connection(at, self.column, 1)
         return None
 
