@@ -17,6 +17,8 @@ libraries' loggers (aiosmtpd, asyncio) go through the same handler.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import os
 import sys
@@ -139,9 +141,10 @@ def setup(level: str = "info", target: str = "auto") -> None:
     missing_journal = handler is None and target == "journald"
     fields = handler is not None
     global _direct
+    _flush_direct()
     _direct = None
     if handler is None:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StreamHandler(sys.stderr)
         formatter = _StderrFormatter(stderr_is_journal())
         handler.setFormatter(formatter)
         _direct = _DirectLines(handler, formatter)
@@ -183,13 +186,24 @@ class _DirectLines:
     stream handler would use but its text, so it is escaped and written
     here. Anything with a traceback, and every other library's record,
     still goes through the handler.
+
+    On the event loop the lines of one loop iteration leave in one write,
+    at the end of that iteration (a write and flush per line was a tenth
+    of a small message's CPU); elsewhere (threads, start-up, shutdown)
+    each line is written at once. A line is therefore never held for
+    longer than the loop takes to come round, and what the daemon logged
+    before it stopped is written at exit.
     """
+
+    # Lines held at most before they are written even within one iteration.
+    MAX_PENDING = 256
 
     def __init__(self, handler: logging.StreamHandler[Any], formatter: _StderrFormatter) -> None:
         self.handler = handler
         self.stream = handler.stream
         self.formatter = formatter
         self.root = logging.getLogger(ROOT)
+        self._pending: list[str] = []
 
     def usable(self, logger: logging.Logger) -> bool:
         """Only while this handler is the sole one (a test may add its own)."""
@@ -198,6 +212,22 @@ class _DirectLines:
     def write(self, component: str, level: int, line: str) -> None:
         program = f"{ROOT}/{component.replace('.', '/')}"
         text = self.formatter.line(program, level, line) + "\n"
+        pending = self._pending
+        loop = asyncio._get_running_loop()
+        if loop is None or len(pending) >= self.MAX_PENDING:
+            pending.append(text)
+            self.flush()
+            return
+        pending.append(text)
+        if len(pending) == 1:
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write what is held, in order (before any line that takes another way)."""
+        if not self._pending:
+            return
+        text = "".join(self._pending)
+        self._pending.clear()
         try:
             self.stream.write(text)
             self.stream.flush()
@@ -205,7 +235,24 @@ class _DirectLines:
             pass
 
 
+class _StreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The stderr handler; lines _DirectLines holds for the loop are written before a record."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _flush_direct()
+        super().emit(record)
+
+
+def _flush_direct() -> None:
+    if _direct is not None:
+        _direct.flush()
+
+
+atexit.register(_flush_direct)
+
+
 _direct: _DirectLines | None = None
+_loggers: dict[str, logging.Logger] = {}
 
 
 def set_level(level: str) -> None:
@@ -226,7 +273,9 @@ def event(
     ``component`` is the Postfix-style program (``smtpd``, ``qmgr``, ...);
     field names are upper-cased journald names (``recipient`` -> RECIPIENT).
     """
-    logger = logging.getLogger(f"{ROOT}.{component}")
+    logger = _loggers.get(component)
+    if logger is None:  # logging.getLogger takes the module's lock on every call
+        logger = _loggers[component] = logging.getLogger(f"{ROOT}.{component}")
     if not logger.isEnabledFor(level):
         return
     line = f"{queue_id}: {text}" if queue_id else text

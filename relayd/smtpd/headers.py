@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime, formatdate
@@ -46,16 +47,33 @@ def header_block(message: bytes) -> bytes:
     return split_headers(message)[0]
 
 
-_RECEIVED = re.compile(rb"(?im)^received[ \t]*:")
+def field_values(headers: bytes, name: str) -> Iterator[int]:
+    """Where each ``name:`` field's value starts in ``headers`` (any case, blanks before the colon).
+
+    What ``(?im)^name[ \t]*:`` finds, with C-speed ``find`` calls on a
+    lowered copy instead of a regex tried at every offset (three such
+    searches were a twentieth of a small message's CPU).
+    """
+    low = headers.lower()
+    key = name.lower().encode()
+    at = low.find(key)
+    while at >= 0:
+        if at == 0 or low[at - 1] == 0x0A:  # at a line start ("\n"; "^" in MULTILINE)
+            i = at + len(key)
+            while low[i : i + 1] in (b" ", b"\t"):
+                i += 1
+            if low[i : i + 1] == b":":
+                yield i + 1
+        at = low.find(key, at + 1)
 
 
 def count_received(message: bytes) -> int:
     """How many hops the message has made (its ``Received:`` headers)."""
-    return len(_RECEIVED.findall(header_block(message)))
+    return sum(1 for _ in field_values(header_block(message), "received"))
 
 
 def has_header(headers: bytes, name: str) -> bool:
-    return re.search(rb"(?im)^" + re.escape(name.encode()) + rb"[ \t]*:", headers) is not None
+    return next(field_values(headers, name), None) is not None
 
 
 def received(info: TraceInfo, now: float | None = None) -> bytes:
@@ -122,13 +140,21 @@ def new_message_id(hostname: str) -> str:
     return f"{stamp}.{secrets.token_hex(8)}@{hostname}"
 
 
-_MESSAGE_ID = re.compile(rb"(?im)^message-id[ \t]*:[ \t]*((?:.|\r\n[ \t])*?)[ \t]*\r\n(?![ \t])")
-
-
 def message_id(header: bytes) -> str:
     """The Message-ID value of a header block, unfolded and cut, for the log ("<>" when none)."""
-    match = _MESSAGE_ID.search(header)
-    if match is None:
-        return "<>"
-    value = re.sub(rb"\r\n[ \t]+", b" ", match.group(1)).strip()
-    return value[:200].decode("utf-8", "replace")
+    for start in field_values(header, "message-id"):
+        end = header.find(b"\r\n", start)
+        while end >= 0 and header[end + 2 : end + 3] in (b" ", b"\t"):  # folded: go on
+            end = header.find(b"\r\n", end + 2)
+        if end < 0:  # no line end: not a whole field
+            continue
+        value = header[start:end]
+        if b"\n" in value:
+            value = _FOLD.sub(b" ", value)
+            if b"\n" in value:  # a bare LF: not a field
+                continue
+        return value.strip()[:200].decode("utf-8", "replace")
+    return "<>"
+
+
+_FOLD = re.compile(rb"\r\n[ \t]+")

@@ -22,7 +22,6 @@ import ssl
 import time
 import warnings
 from base64 import b64decode
-from collections import Counter
 from typing import Any, TypeGuard
 
 from aiosmtpd.smtp import (
@@ -146,8 +145,8 @@ class Session(SMTP):  # type: ignore[misc]
         self.trace_headers: list[bytes] = []
         self.check_state: object = None
         self.refusal: Refuse | None = None
-        self.counts: Counter[str] = Counter()  # commands tried, by name
-        self.succeeded: Counter[str] = Counter()  # ... and answered 2xx in the end
+        self.counts: dict[str, int] = {}  # commands tried, by name
+        self.succeeded: dict[str, int] = {}  # ... and answered 2xx in the end
         self._command = ""  # the command being answered ("" between commands)
         self._previous = ""
         self._command_arg: str | None = None
@@ -160,6 +159,7 @@ class Session(SMTP):  # type: ignore[misc]
         self._slot_released = False
         self._lost = False
         self.peer: tuple[str, int] | None = None  # the client a PROXY header named
+        self._ip_may_relay: tuple[str, bool] | None = None  # see _may_relay
         self._deadline = 0.0  # the idle timeout's moment (loop time); see _reset_timeout
 
     def _smtp_init(
@@ -187,7 +187,9 @@ class Session(SMTP):  # type: ignore[misc]
         ``__init__`` (tests/test_session_init.py compares the two).
         """
         self.__ident__ = ident
-        self.loop = loop = make_loop()
+        # aiosmtpd's make_loop() sets up a warnings filter on every call; a
+        # session is made on the running loop but for tests that build one bare.
+        self.loop = loop = asyncio._get_running_loop() or make_loop()
         asyncio.StreamReaderProtocol.__init__(
             self,
             asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
@@ -425,7 +427,7 @@ class Session(SMTP):  # type: ignore[misc]
     def _log_disconnect(self) -> None:
         """Postfix's shape: ``auth=1/3`` is 1 of 3 tried, a plain number when all went well."""
         stats = " ".join(
-            f"{name.lower()}={_ratio(self.succeeded[name], tried)}"
+            f"{name.lower()}={_ratio(self.succeeded.get(name, 0), tried)}"
             for name, tried in self.counts.items()
         )
         total = _ratio(sum(self.succeeded.values()), sum(self.counts.values()))
@@ -440,14 +442,15 @@ class Session(SMTP):  # type: ignore[misc]
         return self._command or self._previous or "CONNECT"
 
     async def _run_counted(self, name: str, method: Any, arg: str | None) -> None:
-        self.counts[name] += 1
+        counts = self.counts
+        counts[name] = counts.get(name, 0) + 1
         self._command, self._command_arg = name, arg
         self._last_code, self._reject_logged = "", False
         try:
             await method(arg)
         finally:
             if self._last_code.startswith("2"):
-                self.succeeded[name] += 1
+                self.succeeded[name] = self.succeeded.get(name, 0) + 1
             self._previous, self._command = name, ""
             self._reject_logged = False
 
@@ -788,7 +791,17 @@ class Session(SMTP):  # type: ignore[misc]
     # ---- the transaction ------------------------------------------------------
 
     def _may_relay(self) -> bool:
-        return may_relay(self.user is not None, self.client.ip, self.services.config.relay.networks)
+        if self.user is not None:
+            return True
+        # The address and the session's config snapshot never change, so the
+        # networks are searched once per session, not at every MAIL, RCPT and DATA.
+        ip_may = self._ip_may_relay
+        if ip_may is None or ip_may[0] != self.client.ip:
+            ip = self.client.ip
+            ip_may = self._ip_may_relay = (
+                ip, may_relay(False, ip, self.services.config.relay.networks)
+            )
+        return ip_may[1]
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         refusal = await self._mail_refusal(arg)
@@ -939,7 +952,7 @@ class Session(SMTP):  # type: ignore[misc]
         if reply.startswith("421"):
             return
         if not self._command:  # not a command relayd knows: Postfix's "unknown=0/1"
-            self.counts["UNKNOWN"] += 1
+            self.counts["UNKNOWN"] = self.counts.get("UNKNOWN", 0) + 1
         self._log_reject(self._command or "UNKNOWN", reply, self._command_arg)
 
     def _log_reject(self, stage: str, reply: str, arg: str | None) -> None:
