@@ -49,6 +49,7 @@ from pathlib import Path
 from relayd import log
 from relayd.cluster import wiring as cluster
 from relayd.config import Config, ConfigError, load_config
+from relayd.eventloop import settle_heap
 from relayd.metrics import Metrics
 from relayd.policy.shared_counts import COLUMNS, SharedConnectionCounter, SharedCounts
 from relayd.smtpd.listener import Listeners
@@ -494,6 +495,7 @@ class Acceptor:
         reader, self._writer = await asyncio.open_unix_connection(sock=self.master)
         await self.listeners.apply(self.config.listeners, inherited)
         self._writer.write(READY_LINE)
+        settle_heap()
         orphaned = asyncio.create_task(reader.read())  # EOF: the daemon is gone
         stop = asyncio.create_task(self._stop.wait())
         reporter = asyncio.create_task(self._report_metrics())

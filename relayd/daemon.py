@@ -29,7 +29,7 @@ from relayd.control.server import ControlServer
 from relayd.delivery.agent import DeliveryAgent
 from relayd.delivery.router import Router
 from relayd.delivery.verify import RecipientProber
-from relayd.eventloop import event_loop_name, event_loop_runner
+from relayd.eventloop import event_loop_name, event_loop_runner, settle_heap
 from relayd.events import Outcomes
 from relayd.events.webhook import WebhookSender
 from relayd.local.server import LocalSubmission
@@ -233,6 +233,7 @@ class Daemon:
             asyncio.create_task(self.webhooks.run(), name="webhooks"),
         ]
         systemd.ready(self.status_line())
+        settle_heap()
         log.event(
             "master", f"daemon started -- version {__version__}, configuration {self.config.source}"
         )

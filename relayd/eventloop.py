@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 from typing import Any
 
@@ -26,3 +27,16 @@ def event_loop_runner() -> Any:
 
 def event_loop_name(loop: asyncio.AbstractEventLoop) -> str:
     return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
+def settle_heap() -> None:
+    """Once started: leave what start-up built out of every later garbage collection.
+
+    A started process holds a few hundred thousand long-lived objects
+    (modules, config, compiled patterns); each full collection walked them
+    all again, a few per cent of a small message's CPU. ``gc.freeze`` moves
+    them to a generation the collector never scans; what sessions create
+    afterwards is collected as before.
+    """
+    gc.collect()
+    gc.freeze()
