@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relayd.spool import queueid, store
+from relayd.spool import groupcommit, queueid, store
 from relayd.spool.model import Attempt, Envelope, Recipient
 from relayd.spool.queueid import is_queue_id, new_queue_id, queue_id_time
 from relayd.spool.store import (
@@ -143,7 +143,7 @@ def test_commit_returns_only_after_data_sync_and_directory_sync(
 ) -> None:
     """The file is written and synced where it stays, then queue/ is synced, then 250."""
     events: list[str] = []
-    real_fdatasync, real_link, real_sync_dir = os.fdatasync, os.link, store._sync_dir
+    real_fdatasync, real_link, real_sync_dir = os.fdatasync, os.link, groupcommit.sync_dir
 
     def fdatasync(fd: int) -> None:
         where = Path(os.readlink(f"/proc/self/fd/{fd}"))
@@ -160,7 +160,7 @@ def test_commit_returns_only_after_data_sync_and_directory_sync(
 
     monkeypatch.setattr(os, "fdatasync", fdatasync)
     monkeypatch.setattr(os, "link", link)
-    monkeypatch.setattr(store, "_sync_dir", sync_dir)
+    monkeypatch.setattr(groupcommit, "sync_dir", sync_dir)
     env = envelope()
     commit(spool, env)
     events.append("returned")
@@ -366,14 +366,14 @@ def test_concurrent_commits_are_all_durable_and_share_fsyncs(spool: Spool) -> No
 def test_failed_directory_fsync_fails_the_whole_batch_and_leaves_nothing(
     spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = store._sync_dir
+    real = groupcommit.sync_dir
 
     def broken(path: str) -> None:
         if path.endswith("queue"):
             raise OSError(errno.EIO, "Input/output error")
         real(path)
 
-    monkeypatch.setattr(store, "_sync_dir", broken)
+    monkeypatch.setattr(groupcommit, "sync_dir", broken)
 
     async def batch() -> list[BaseException | None]:
         return await asyncio.gather(
@@ -670,3 +670,46 @@ def test_recovery_waits_for_a_process_still_holding_the_spool(tmp_path: Path) ->
     finally:
         child.kill()
         child.wait(timeout=10)
+
+
+# --- the committer thread -------------------------------------------------------
+
+
+def test_committer_batches_what_arrives_during_a_sync(tmp_path: Path) -> None:
+    """Ops queued while one batch's fsync runs form the next batch: one fsync for them all."""
+    committer = groupcommit.GroupCommitter()
+    started, release = threading.Event(), threading.Event()
+
+    def slow_first() -> bool:
+        started.set()
+        release.wait(10)
+        return True
+
+    first = groupcommit.Op(apply=slow_first, dirs=(str(tmp_path),))
+    waiter = threading.Thread(target=committer.wait, args=(first,))
+    waiter.start()
+    assert started.wait(10)
+    later = [groupcommit.Op(apply=lambda: True, dirs=(str(tmp_path),)) for _ in range(10)]
+    done = [threading.Event() for _ in later]
+    for op, event in zip(later, done, strict=True):
+        op.done = event.set
+        committer.submit(op)
+    release.set()
+    waiter.join(10)
+    assert all(event.wait(10) for event in done)
+    assert committer.batches == 2 and committer.dir_syncs == 2
+    assert all(op.outcome() is True for op in later)
+    committer.close()
+
+
+def test_committer_hands_a_crash_to_every_waiter_of_the_batch(tmp_path: Path) -> None:
+    """A bug in one op's code must not leave its batch's waiters blocked for ever."""
+    committer = groupcommit.GroupCommitter()
+
+    def boom() -> bool:
+        raise RuntimeError("bug")
+
+    with pytest.raises(RuntimeError):
+        committer.wait(groupcommit.Op(apply=boom, dirs=(str(tmp_path),)))
+    assert committer.wait(groupcommit.Op(apply=lambda: True, dirs=(str(tmp_path),))) is True
+    committer.close()

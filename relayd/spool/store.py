@@ -87,11 +87,12 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from relayd.spool.groupcommit import GroupCommitter, Op
 from relayd.spool.handoff import Workers
 from relayd.spool.model import Envelope
 from relayd.spool.queueid import is_queue_id
@@ -236,17 +237,37 @@ def _write_file(path: str, parts: Sequence[bytes], tail: Tail | None = None) -> 
         raise
 
 
+class _NotCommitted(Exception):
+    """The file was written, but its directory change could not be made durable."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+def _write_durably(
+    path: str,
+    parts: Sequence[bytes],
+    tail: Tail | None,
+    committer: GroupCommitter,
+    then: Op | None,
+) -> None:
+    """Write and sync ``path``, then wait for the group committer to make ``then`` durable.
+
+    One job per message: the writer thread hands the directory change to the
+    committer itself, so the event loop hears once, when it is all done.
+    """
+    _write_file(path, parts, tail)
+    if then is not None:
+        try:
+            committer.wait(then)
+        except OSError as e:
+            raise _NotCommitted(e) from e
+
+
 def _unlink_quiet(path: str) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
-
-
-def _sync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _rename(src: str, dst: str) -> bool:
@@ -274,51 +295,6 @@ def _unlink_if_present(path: str) -> bool:
     return True
 
 
-@dataclass(eq=False)
-class _Op:
-    """One directory change for the group committer, with what to do if it fails."""
-
-    apply: Callable[[], bool]  # False: nothing was there to change
-    dirs: tuple[str, ...]  # directories whose fsync makes ``apply`` durable
-    on_fail: Callable[[], None] | None = None  # after ``apply`` raised
-    undo: Callable[[], None] | None = None  # after a directory fsync failed
-    changed: bool = False
-    error: OSError | None = None
-
-
-def _run_batch(ops: Sequence[_Op]) -> int:
-    """Apply every op, fsync each directory touched once; returns the fsync count.
-
-    One op's failure touches only that op; a failed directory fsync fails (and
-    undoes) every op that depended on that directory.
-    """
-    for op in ops:
-        try:
-            op.changed = op.apply()
-        except OSError as e:
-            op.error = e
-            if op.on_fail:
-                op.on_fail()
-    dirs = sorted({d for op in ops if op.changed and op.error is None for d in op.dirs})
-    for d in dirs:
-        try:
-            _sync_dir(d)
-        except OSError as e:
-            _fail_dir(ops, d, e)
-    return len(dirs)
-
-
-def _fail_dir(ops: Sequence[_Op], d: str, error: OSError) -> None:
-    log.error("spool: fsync of %s failed: %s", d, error)
-    for op in ops:
-        if op.changed and op.error is None and d in op.dirs:
-            op.error = error
-            if op.undo:
-                op.undo()
-    with contextlib.suppress(OSError):  # make the undo durable if the disk lets us
-        _sync_dir(d)
-
-
 # --- the spool ---------------------------------------------------------------
 
 
@@ -335,15 +311,13 @@ class Spool:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.stats = SpoolStats()
+        self._stats = SpoolStats()
         self._tmp = str(self.root / "tmp")
         self._queue = str(self.root / "queue")
         self._state = str(self.root / "state")
         self._corrupt = str(self.root / "corrupt")
-        self._pending: list[tuple[_Op, asyncio.Future[bool]]] = []
-        self._committer: asyncio.Task[None] | None = None
+        self._committer = GroupCommitter()
         self._writers: Workers | None = None
-        self._syncer: Workers | None = None
         self._background: set[asyncio.Future[None]] = set()
         self._lock_fd: int | None = None
 
@@ -587,11 +561,9 @@ class Spool:
             size += os.stat(tail[0]).st_size - tail[1]
         head = encode_header(envelope, size)
         dst = self._queue_path(qid)
-        await self._write(dst, (head, data), qid, tail)  # under its final name: see above
-        await self._batched(
-            _Op(apply=_in_place, dirs=(self._queue,), undo=functools.partial(_unlink_quiet, dst)),
-            qid,
-        )
+        # Under its final name (see above); then queue/ is synced with the batch.
+        link = Op(apply=_in_place, dirs=(self._queue,), undo=functools.partial(_unlink_quiet, dst))
+        await self._write(dst, (head, data), qid, tail, then=link)
         self.stats.commits += 1
 
     async def update(self, envelope: Envelope) -> None:
@@ -601,15 +573,12 @@ class Spool:
             raise ValueError(f"not a queue id: {qid!r}")
         body = json.dumps(envelope.to_dict(), separators=(",", ":")).encode("ascii")
         tmp = os.path.join(self._tmp, f"{qid}.{os.getpid()}-{next(_TMP_SEQ)}{_STATE_SUFFIX}")
-        await self._write(tmp, (body, b"\n"), qid)
-        await self._batched(
-            _Op(
-                apply=functools.partial(_rename, tmp, self._state_path(qid)),
-                dirs=(self._state,),
-                on_fail=functools.partial(_unlink_quiet, tmp),
-            ),
-            qid,
+        rename = Op(
+            apply=functools.partial(_rename, tmp, self._state_path(qid)),
+            dirs=(self._state,),
+            on_fail=functools.partial(_unlink_quiet, tmp),
         )
+        await self._write(tmp, (body, b"\n"), qid, then=rename)
         self.stats.updates += 1
 
     async def remove(self, queue_id: str) -> None:
@@ -621,7 +590,7 @@ class Spool:
         # waits on the filesystem journal (an unlink took about 0.2 ms on
         # the loop while the writer threads fsynced). A crash just after may
         # bring the message back, and it is delivered again (at least once).
-        op = _Op(
+        op = Op(
             apply=functools.partial(
                 _remove_files, self._queue_path(queue_id), self._state_path(queue_id)
             ),
@@ -635,10 +604,16 @@ class Spool:
         """Wait for commits in flight and their clean-ups, then stop the worker threads."""
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
-        for pool in (self._writers, self._syncer):
-            if pool is not None:
-                pool.shutdown()
-        self._writers = self._syncer = None
+        if self._writers is not None:
+            self._writers.shutdown()
+        self._writers = None
+        self._committer.close()
+
+    @property
+    def stats(self) -> SpoolStats:
+        self._stats.batches = self._committer.batches
+        self._stats.dir_syncs = self._committer.dir_syncs
+        return self._stats
 
     # -- machinery
 
@@ -647,45 +622,33 @@ class Spool:
             self._writers = Workers(_WRITE_THREADS, "relayd-spool-write")
         return self._writers
 
-    def _syncers(self) -> Workers:
-        if self._syncer is None:
-            self._syncer = Workers(1, "relayd-spool-commit")
-        return self._syncer
-
     async def _write(
-        self, path: str, parts: Sequence[bytes], qid: str, tail: Tail | None = None
+        self,
+        path: str,
+        parts: Sequence[bytes],
+        qid: str,
+        tail: Tail | None = None,
+        then: Op | None = None,
     ) -> None:
+        """``path`` written and synced, and ``then`` applied by the group committer."""
         try:
-            await self._writers_pool().run(_write_file, path, parts, tail)
+            await self._writers_pool().run(_write_durably, path, parts, tail, self._committer, then)
+        except _NotCommitted as e:
+            raise SpoolError(f"{qid}: cannot commit to the spool: {_why(e.error)}") from e.error
         except OSError as e:
-            raise SpoolError(f"{qid}: cannot write to the spool: {e.strerror or e}") from e
+            raise SpoolError(f"{qid}: cannot write to the spool: {_why(e)}") from e
         self.stats.file_syncs += 1
 
-    async def _batched(self, op: _Op, qid: str, what: str = "commit to") -> bool:
+    async def _batched(self, op: Op, qid: str, what: str) -> bool:
         """Hand ``op`` to the group committer; True once durable, ``op.changed``."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bool] = loop.create_future()
-        self._pending.append((op, future))
-        if self._committer is None or self._committer.done():
-            self._committer = loop.create_task(self._run_committer())
+        op.done = functools.partial(_tell_loop, loop, future, op)
+        self._committer.submit(op)
         try:
             return await future
         except OSError as e:
-            raise SpoolError(f"{qid}: cannot {what} the spool: {e.strerror or e}") from e
-
-    async def _run_committer(self) -> None:
-        """Drain the pending ops in batches: whatever arrived during one fsync forms the next."""
-        while self._pending:
-            batch, self._pending = self._pending, []
-            ops = [op for op, _ in batch]
-            done = self._syncers().submit(_run_batch, ops)
-            cancelled = await _wait_through_cancel(done)
-            self.stats.batches += 1
-            self.stats.dir_syncs += done.result() if not done.exception() else 0
-            for op, future in batch:
-                _settle(op, future, done.exception())
-            if cancelled:
-                raise asyncio.CancelledError
+            raise SpoolError(f"{qid}: cannot {what} the spool: {_why(e)}") from e
 
     def _discard_if_committed(self, qid: str, task: asyncio.Future[None]) -> None:
         if task.cancelled() or task.exception() is not None:
@@ -705,27 +668,20 @@ class Spool:
             log.warning("%s: could not remove: %s", qid, e)
 
 
-async def _wait_through_cancel(future: asyncio.Future[Any]) -> bool:
-    """Wait until ``future`` is done even if we are cancelled; True if we were.
-
-    The batch thread is changing directories (renames, unlinks, fsyncs): the
-    callers must learn how that went, whatever happens to the task waiting.
-    """
-    cancelled = False
-    while not future.done():
-        try:
-            await asyncio.wait({future})
-        except asyncio.CancelledError:
-            cancelled = True
-    return cancelled
+def _why(error: OSError) -> str:
+    return error.strerror or str(error)
 
 
-def _settle(op: _Op, future: asyncio.Future[bool], crash: BaseException | None) -> None:
-    if future.done():
+def _tell_loop(loop: asyncio.AbstractEventLoop, future: asyncio.Future[bool], op: Op) -> None:
+    """In the committer thread: settle ``future`` on its loop (if that loop still runs)."""
+    with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+        loop.call_soon_threadsafe(_settle, future, op)
+
+
+def _settle(future: asyncio.Future[bool], op: Op) -> None:
+    if future.done():  # the awaiter was cancelled meanwhile; the change was made anyway
         return
-    if crash is not None:
-        future.set_exception(crash)
-    elif op.error is not None:
+    if op.error is not None:
         future.set_exception(op.error)
     else:
         future.set_result(op.changed)

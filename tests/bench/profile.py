@@ -26,8 +26,11 @@ from bench.scenarios import SMALL, Plan, _accept
 
 # First match wins, tested against each frame from the innermost outwards.
 AREAS = (
-    ("spool: file write + fsync", r"relayd/spool/store\.py.*(_write_file|_write_all|_sync_dir)"),
-    ("spool: group commit", r"relayd/spool/store\.py"),
+    (
+        "spool: file write + fsync",
+        r"relayd/spool/(store\.py.*(_write_file|_write_all)|groupcommit\.py.*sync_dir)",
+    ),
+    ("spool: group commit", r"relayd/spool/(store|groupcommit)\.py"),
     ("DATA reader (check, unstuff)", r"relayd/smtpd/dataread\.py"),
     ("logging", r"relayd/log\.py|/logging/"),
     ("scheduler", r"relayd/scheduler\.py"),

@@ -8,14 +8,13 @@ in docs/performance.md: update them when those internals move.
 - ``hold``: new mail is never scheduled (an upper bound for "held" mail).
 - ``sched``: blocked deliveries wait in per-domain lists; a wake-up looks only
   at domains with a free slot.
-- ``nogroup``: no group commit: one link + directory fsync per message.
+- ``nogroup``: no group commit: one directory fsync per message.
 - ``uvloop``: nothing to patch; the runner puts uvloop on the module path and
   relayd's daemon uses it when importable.
 """
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import os
 import sys
@@ -60,23 +59,9 @@ def _sched() -> None:
 
 
 def _nogroup() -> None:
-    from relayd.spool import store
+    from relayd.spool import groupcommit
 
-    async def run_committer(self: Any) -> None:
-        loop = asyncio.get_running_loop()
-        while self._pending:
-            batch = [self._pending.pop(0)]
-            ops = [op for op, _ in batch]
-            done = loop.run_in_executor(self._syncers(), store._run_batch, ops)
-            cancelled = await store._wait_through_cancel(done)
-            self.stats.batches += 1
-            self.stats.dir_syncs += done.result() if not done.exception() else 0
-            for op, future in batch:
-                store._settle(op, future, done.exception())
-            if cancelled:
-                raise asyncio.CancelledError
-
-    store.Spool._run_committer = run_committer  # type: ignore[method-assign]
+    groupcommit.GroupCommitter.batch_size = 1
 
 
 PATCHES = {"hold": _hold, "sched": _sched, "nogroup": _nogroup, "uvloop": None}
