@@ -74,10 +74,12 @@ LEAVING_LINE = b"Q\n"  # an on-demand acceptor leaves, idle: not to be replaced
 
 # On demand ("auto"): the daemon samples its own CPU every LOAD_SAMPLE seconds
 # and starts an acceptor once BUSY_SAMPLES samples in a row were at least
-# BUSY_CPU busy (all its threads together: one full core is 1.0). Half a
-# second: a new process needs about as long again before it accepts.
-LOAD_SAMPLE = 0.25
-BUSY_SAMPLES = 2
+# BUSY_CPU busy (all its threads together: one full core is 1.0). 0.3 s: a
+# new process needs about twice as long before it accepts, so waiting longer
+# loses a short burst, and three samples keep a single busy moment from
+# starting a process that would idle for a minute.
+LOAD_SAMPLE = 0.1
+BUSY_SAMPLES = 3
 BUSY_CPU = 0.8
 BUSY_SESSIONS = 2  # open SMTP sessions in the daemon: delivery alone is no reason
 AUTO_LIMIT = 32  # "auto": at most this many processes, whatever the core count

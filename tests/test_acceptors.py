@@ -235,11 +235,12 @@ def test_connection_and_rate_limits_hold_across_processes(tmp_path: Path) -> Non
 def test_on_demand_decisions() -> None:
     from relayd.acceptor import wants_acceptor, wants_to_leave
 
-    assert not wants_acceptor([1.2], running=0, limit=1, sessions=20)  # a blip
-    assert wants_acceptor([0.1, 0.9, 1.3], running=0, limit=1, sessions=20)
-    assert not wants_acceptor([0.9, 0.5], running=0, limit=1, sessions=20)
-    assert not wants_acceptor([1.0, 1.0], running=1, limit=1, sessions=20)  # every core has one
-    assert not wants_acceptor([1.0, 1.0], running=0, limit=1, sessions=0)  # busy delivering
+    assert not wants_acceptor([1.2, 1.1], running=0, limit=1, sessions=20)  # a blip
+    assert wants_acceptor([0.1, 0.9, 1.3, 0.8], running=0, limit=1, sessions=20)
+    assert not wants_acceptor([0.9, 0.9, 0.5], running=0, limit=1, sessions=20)
+    busy = [1.0, 1.0, 1.0]
+    assert not wants_acceptor(busy, running=1, limit=1, sessions=20)  # every core has one
+    assert not wants_acceptor(busy, running=0, limit=1, sessions=0)  # busy delivering
     quiet = [0.01] * 12
     assert wants_to_leave(quiet, sessions=0)
     assert not wants_to_leave(quiet, sessions=1)  # never with a client connected
