@@ -72,6 +72,7 @@ from relayd.delivery.reply import (
     MalformedReply,
     Outcome,
     Reply,
+    ReplyLine,
     ehlo_extensions,
     parse_line,
     parse_reply,
@@ -259,9 +260,14 @@ class Session:
 
     async def _write(self, data: bytes, doing: str) -> None:
         try:
-            self._writer.write(data)
+            writer = self._writer
+            writer.write(data)
+            # Everything handed to the kernel at once, as a command is: drain()
+            # would return at once, and the timer around it would cost more.
+            if writer.transport.get_write_buffer_size() == 0 and not writer.is_closing():
+                return
             async with asyncio.timeout(self.endpoint.command_timeout):
-                await self._writer.drain()
+                await writer.drain()
         except TimeoutError as e:
             raise self._fail(f"timed out while {doing}") from e
         except (OSError, ConnectionError) as e:
@@ -280,6 +286,7 @@ class Session:
         and the recipients deferred (4.5.0), nothing more is read.
         """
         lines: list[str] = []
+        parsed: list[ReplyLine] = []
         size = 0
         try:
             async with asyncio.timeout(self.endpoint.command_timeout):
@@ -291,8 +298,9 @@ class Session:
                     if size > MAX_REPLY_BYTES:
                         break
                     lines.append(raw.decode("utf-8", errors="surrogateescape"))
-                    if parse_line(lines[-1]).last:
-                        return self._note(parse_reply(lines))
+                    parsed.append(parse_line(lines[-1]))
+                    if parsed[-1].last:
+                        return self._note(parse_reply(lines, parsed))
         except TimeoutError as e:
             raise self._fail(f"timed out while {doing}") from e
         except ValueError as e:  # MalformedReply, or a line over the reader's limit

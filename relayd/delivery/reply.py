@@ -109,13 +109,18 @@ def _split_enhanced(code: int, text: str) -> tuple[str, str]:
     return m.group(0), text[m.end() :].lstrip()
 
 
-def parse_reply(lines: Sequence[str]) -> Reply:
-    """Build a Reply from all of its lines, last line included."""
+def parse_reply(lines: Sequence[str], parsed: Sequence[ReplyLine] | None = None) -> Reply:
+    """Build a Reply from all of its lines, last line included.
+
+    ``parsed``: the lines' parse_line results, when the reader has them
+    already (it parses each line as it arrives to know where a reply ends).
+    """
     if not lines:
         raise MalformedReply("empty reply")
     if len(lines) > MAX_LINES:
         raise MalformedReply("reply has too many lines")
-    parsed = [parse_line(x) for x in lines]
+    if parsed is None or len(parsed) != len(lines):
+        parsed = [parse_line(x) for x in lines]
     code = parsed[0].code
     if any(p.code != code for p in parsed):
         raise MalformedReply("reply lines disagree on the reply code")

@@ -471,8 +471,7 @@ class Session(SMTP):  # type: ignore[misc]
             self._last_code = status[:3].decode("ascii", "replace")
             return
         text = printable(status if raw else _enhance(status))
-        self._writer.write(text.encode("ascii") + b"\r\n")  # printable: ASCII only
-        await self._writer.drain()
+        await self._send(text.encode("ascii") + b"\r\n")  # printable: ASCII only
         self._last_code = text[:3]
         if text[:1] in ("4", "5") and not self._reject_logged and self.refusal is None:
             self._log_refused(text)
@@ -480,6 +479,17 @@ class Session(SMTP):  # type: ignore[misc]
             self.errors += 1
             if self.errors >= HARD_ERROR_LIMIT and not text.startswith("421"):
                 await self._too_many_errors()
+
+    async def _send(self, data: bytes) -> None:
+        """Write a reply; wait only when drain() would (a full buffer, a closing transport).
+
+        A reply almost always goes to the kernel whole; drain() then returns
+        at once, but costs two coroutine calls for every reply.
+        """
+        writer = self._writer
+        writer.write(data)
+        if writer.transport.get_write_buffer_size() or writer.is_closing():
+            await writer.drain()
 
     def _overshoot(self, reply: str) -> bool:
         """True for a too-many-recipients reply that does not count as an error."""
@@ -507,9 +517,8 @@ class Session(SMTP):  # type: ignore[misc]
         text = "".join(
             f"{code}{'-' if i < len(lines) - 1 else ' '}{line}\r\n" for i, line in enumerate(lines)
         )
-        self._writer.write(text.encode())
         self._last_code = str(code)
-        await self._writer.drain()
+        await self._send(text.encode())
 
     def _tls_active(self) -> bool:
         return self.listener.tls == "implicit" or self._tls_protocol is not None
