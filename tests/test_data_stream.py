@@ -226,7 +226,10 @@ def test_20mb_of_two_octet_lines_costs_little_memory_and_stalls_nobody(
             assert b"dkim=fail" in stored.split(b"\r\n\r\n", 1)[0]
         if case == "dkim-signed":
             assert stored.startswith(b"Received:") and b"\r\nDKIM-Signature: " in stored
-        assert list((r.spool / "tmp").iterdir()) == []
+        # The spilled DATA is gone; a state file the scheduler is writing for a
+        # delivery attempt (ID.PID-N.json, renamed into state/ at once) may pass by.
+        left = [p.name for p in (r.spool / "tmp").iterdir() if not p.name.endswith(".json")]
+        assert left == []
 
 
 def test_ten_25mb_messages_at_once_stay_within_400mb(exposed: Relayd) -> None:
