@@ -56,6 +56,9 @@ MAX_DETAIL = 200  # characters of a next hop's reply kept with an answer
 PROBE_TIMEOUT = 10.0  # seconds one RCPT may wait for its answer, queueing included
 MAX_RUNNING = 10  # probes talking to next hops at once
 MAX_PENDING = 100  # probes running or waiting for a slot; more get 450 at once
+# A probe that gets its slot with less time than this left would only open a
+# session it cannot finish (and the next hop would count one more connection).
+MIN_PROBE_TIME = 0.1
 
 
 @dataclass(frozen=True)
@@ -170,8 +173,10 @@ class RecipientProber:
 
     async def _run(self, key: str, address: str) -> Answer:
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(self.timeout) as budget:
                 async with self._slots:
+                    if _left(budget) < MIN_PROBE_TIME:  # a slot freed as our time ran out
+                        raise TimeoutError
                     answer = await self._probe(address)
         except TimeoutError:
             answer = Answer("unknown", f"the next hop did not answer within {self.timeout:g}s")
@@ -248,3 +253,9 @@ def _log(address: str, answer: Answer) -> None:
         level=level,
         recipient=address,
     )
+
+
+def _left(budget: asyncio.Timeout) -> float:
+    """Seconds left before ``budget`` expires."""
+    when = budget.when()
+    return float("inf") if when is None else when - asyncio.get_running_loop().time()
