@@ -22,6 +22,7 @@ import atexit
 import logging
 import os
 import sys
+import threading
 from typing import Any
 
 from relayd.escape import printable
@@ -204,6 +205,10 @@ class _DirectLines:
         self.formatter = formatter
         self.root = logging.getLogger(ROOT)
         self._pending: list[str] = []
+        # Threads log too (the spool's, through the handler, which flushes
+        # first): taking and writing what is held happens under one lock, so
+        # no line is lost between the two and the order stays.
+        self._lock = threading.Lock()
 
     def usable(self, logger: logging.Logger) -> bool:
         """Only while this handler is the sole one (a test may add its own)."""
@@ -212,27 +217,27 @@ class _DirectLines:
     def write(self, component: str, level: int, line: str) -> None:
         program = f"{ROOT}/{component.replace('.', '/')}"
         text = self.formatter.line(program, level, line) + "\n"
-        pending = self._pending
         loop = asyncio._get_running_loop()
-        if loop is None or len(pending) >= self.MAX_PENDING:
-            pending.append(text)
+        with self._lock:
+            self._pending.append(text)
+            held = len(self._pending)
+        if loop is None or held >= self.MAX_PENDING:
             self.flush()
-            return
-        pending.append(text)
-        if len(pending) == 1:
+        elif held == 1:
             loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Write what is held, in order (before any line that takes another way)."""
-        if not self._pending:
-            return
-        text = "".join(self._pending)
-        self._pending.clear()
-        try:
-            self.stream.write(text)
-            self.stream.flush()
-        except (OSError, ValueError):  # as the handler would: never break the caller
-            pass
+        with self._lock:
+            if not self._pending:
+                return
+            text = "".join(self._pending)
+            self._pending.clear()
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError):  # as the handler would: never break the caller
+                pass
 
 
 class _StreamHandler(logging.StreamHandler):  # type: ignore[type-arg]

@@ -16,6 +16,7 @@ import logging
 import re
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,6 +105,39 @@ def test_stderr_lines_are_escaped_and_single(
     assert "unrecognised: \\x1bA\\rB" in lines[1] and lines[1].startswith("relayd[")
     assert "cannot \\x00 go on\\nTraceback" in lines[2]
     assert "ValueError: bad\\nvalue \\x1b" in lines[2]
+
+
+def test_lines_from_the_loop_and_from_threads_all_arrive_in_order(
+    capsys: pytest.CaptureFixture[str], logging_restored: None
+) -> None:
+    """On the loop lines are held for one round; a thread's line flushes them: none is lost."""
+    log.setup("info", "stderr")
+
+    def worker(n: int) -> None:
+        for i in range(300):
+            logging.getLogger("relayd.qmgr").warning("thread %d handler %d", n, i)
+            log.event("qmgr", f"thread {n} event {i}")
+
+    async def main() -> None:
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(2)]
+        for thread in threads:
+            thread.start()
+        for i in range(3000):
+            log.event("smtpd", f"loop {i}")
+            if i % 20 == 0:
+                await asyncio.sleep(0)  # the round ends: what is held is written
+        for thread in threads:
+            thread.join(30)
+
+    asyncio.run(main())
+    lines = capsys.readouterr().err.splitlines()
+    loop_lines = [line.rsplit(": ", 1)[1] for line in lines if ": loop " in line]
+    assert loop_lines == [f"loop {i}" for i in range(3000)]
+    for n in range(2):
+        assert [line.rsplit(": ", 1)[1] for line in lines if f": thread {n} event " in line] == [
+            f"thread {n} event {i}" for i in range(300)
+        ]
+        assert sum(f"thread {n} handler " in line for line in lines) == 300
 
 
 def journal_entry(datagram: bytes) -> dict[bytes, bytes]:
