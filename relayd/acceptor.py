@@ -55,7 +55,7 @@ from relayd.policy.shared_counts import COLUMNS, SharedConnectionCounter, Shared
 from relayd.smtpd.listener import Listeners
 from relayd.smtpd.services import Services
 from relayd.spool.model import Envelope
-from relayd.spool.store import Spool, Tail
+from relayd.spool.store import Spool, Tail, write_all
 from relayd.users import UserStore
 
 ENV_FDS = "RELAYD_ACCEPTOR_FDS"  # "name=fd,name=fd": the listening sockets
@@ -411,10 +411,7 @@ class AcceptorPool:
 def _config_fd(text: str) -> int:
     """A readable fd holding ``text``, for a child to inherit."""
     fd = os.memfd_create("relayd-config", os.MFD_CLOEXEC)
-    data = text.encode()
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+    write_all(fd, text.encode())
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
 
@@ -493,7 +490,13 @@ class Acceptor:
         loop.add_signal_handler(signal.SIGHUP, lambda: None)  # reload replaces us
         # Held for this process's life, so that a later daemon's recovery waits
         # until nothing it accepted can still be half-written (Spool.lock).
-        await self.spool.hold_lock(exclusive=False)
+        if not await self.spool.hold_lock(exclusive=False):
+            log.event(
+                "master",
+                f"warning: {self.spool.root}/lock held exclusive (a daemon recovering the "
+                "spool) for too long; accepting without it",
+                level=logging.WARNING,
+            )
         reader, self._writer = await asyncio.open_unix_connection(sock=self.master)
         await self.listeners.apply(self.config.listeners, inherited)
         self._writer.write(READY_LINE)

@@ -362,12 +362,12 @@ class Daemon:
 
     def _warn_counts_size(self, config: Config) -> None:
         """The shared counts were sized at start; far more clients need a restart."""
-        if self.shared is not None and 4 * config.limits.max_connections > self.shared.conn_slots:
+        if self.shared is not None and config.limits.max_connections > self.shared.capacity:
             log.event(
                 "master",
                 f"warning: {config.source}: [limits] max_connections = "
                 f"{config.limits.max_connections} is above what the connection counts were "
-                f"made for at start ({self.shared.conn_slots // 4}); until a restart "
+                f"made for at start ({self.shared.capacity}); until a restart "
                 "(systemctl restart relayd) some connections may be refused with 421 early",
                 level=logging.WARNING,
             )

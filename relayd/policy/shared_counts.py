@@ -60,6 +60,9 @@ MAGIC = b"relayd01"
 COLUMNS = 128  # the daemon is column 0; acceptors (old and new during a reload) the rest
 PROBE = 16  # slots a key may live in, from its hash on
 MIN_CONNECTION_SLOTS = 4096
+# Connection slots per client the table is made for: with 16 probes, that
+# many distinct clients always find a slot (tests/test_shared_counts.py).
+SLOTS_PER_CLIENT = 4
 
 # magic, hashing key, slot counts, open connections, and those per column
 _HEADER = struct.Struct(f"<8s16sIII{COLUMNS}I")
@@ -101,10 +104,15 @@ class SharedCounts:
         self._rate_size: int = (self.rate_slots + PROBE) * _RATE_SLOT
         self._digest = functools.lru_cache(maxsize=4096)(self._digest_of)
 
+    @property
+    def capacity(self) -> int:
+        """Distinct clients at once the connection table was made for."""
+        return self.conn_slots // SLOTS_PER_CLIENT
+
     @classmethod
     def create(cls, max_connections: int, max_rate_keys: int = DEFAULT_MAX_KEYS) -> SharedCounts:
         """A new, empty segment sized for ``max_connections`` distinct clients at once."""
-        conn_slots = _pow2(max(MIN_CONNECTION_SLOTS, 4 * max_connections))
+        conn_slots = _pow2(max(MIN_CONNECTION_SLOTS, SLOTS_PER_CLIENT * max_connections))
         rate_slots = _pow2(max_rate_keys)
         size = (
             mmap.PAGESIZE

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from relayd.smtpd.content import Content, split_header
+from relayd.spool.store import write_all
 
 END = b"\r\n.\r\n"
 CHUNK = 256 * 1024
@@ -111,7 +112,7 @@ class _Sink:
             if len(self.buf) > SPILL_AT:
                 self._spill()
         else:
-            _write_all(self.fd, data)
+            write_all(self.fd, data)
 
     def _probe_header(self, data: bytes | bytearray) -> None:
         """Keep the header lines, and no more: ``data`` is whole lines following whole lines."""
@@ -133,7 +134,7 @@ class _Sink:
         name = f"data.{os.getpid()}.{next(_SPILL_SEQ)}"
         self.path = os.path.join(self.spill_dir, name)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        _write_all(self.fd, self.buf)
+        write_all(self.fd, self.buf)
         self.buf = bytearray()
 
     def finish(self) -> Content:
@@ -284,12 +285,6 @@ async def read_sized(
     except BaseException:
         state.sink.abort()
         raise
-
-
-def _write_all(fd: int, data: bytes | bytearray) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def _unread(reader: asyncio.StreamReader, data: bytes) -> None:

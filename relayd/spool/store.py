@@ -5,6 +5,7 @@ How this works
 Under the spool root (directories mode 0700, files 0600)::
 
     tmp/      state files being written, spilled DATA; garbage at start
+    lock      held shared by every process that writes, exclusive for recovery
     queue/    ID        one immutable file per message
     state/    ID.json   the envelope as changed since accept (attempts, hold)
     corrupt/  files recovery could not read, kept for the operator
@@ -184,7 +185,8 @@ def decode_header(blob: bytes, file_size: int) -> tuple[Envelope, int]:
 # --- blocking helpers (always run in a worker thread) ------------------------
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> int:
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> int:
+    """All of ``data`` to ``fd``, however many writes it takes; its length."""
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
@@ -213,7 +215,7 @@ def _copy_tail(fd: int, tail: Tail) -> None:
             try:
                 done = os.copy_file_range(src, fd, size - offset, offset)
             except OSError:  # another file system, or a kernel without it
-                done = _write_all(fd, os.pread(src, min(size - offset, 1 << 20), offset))
+                done = write_all(fd, os.pread(src, min(size - offset, 1 << 20), offset))
             if done == 0:
                 raise OSError(errno.EIO, f"{path} shrank while being spooled")
             offset += done
@@ -250,7 +252,7 @@ def _write_durably(
     parts: Sequence[bytes],
     tail: Tail | None,
     committer: GroupCommitter,
-    then: Op | None,
+    then: Op,
 ) -> None:
     """Write and sync ``path``, then wait for the group committer to make ``then`` durable.
 
@@ -258,11 +260,10 @@ def _write_durably(
     committer itself, so the event loop hears once, when it is all done.
     """
     _write_file(path, parts, tail)
-    if then is not None:
-        try:
-            committer.wait(then)
-        except OSError as e:
-            raise _NotCommitted(e) from e
+    try:
+        committer.wait(then)
+    except OSError as e:
+        raise _NotCommitted(e) from e
 
 
 def _unlink_quiet(path: str) -> None:
@@ -563,7 +564,7 @@ class Spool:
         dst = self._queue_path(qid)
         # Under its final name (see above); then queue/ is synced with the batch.
         link = Op(apply=_in_place, dirs=(self._queue,), undo=functools.partial(_unlink_quiet, dst))
-        await self._write(dst, (head, data), qid, tail, then=link)
+        await self._write(dst, (head, data), qid, link, tail)
         self.stats.commits += 1
 
     async def update(self, envelope: Envelope) -> None:
@@ -578,7 +579,7 @@ class Spool:
             dirs=(self._state,),
             on_fail=functools.partial(_unlink_quiet, tmp),
         )
-        await self._write(tmp, (body, b"\n"), qid, then=rename)
+        await self._write(tmp, (body, b"\n"), qid, rename)
         self.stats.updates += 1
 
     async def remove(self, queue_id: str) -> None:
@@ -627,8 +628,8 @@ class Spool:
         path: str,
         parts: Sequence[bytes],
         qid: str,
+        then: Op,
         tail: Tail | None = None,
-        then: Op | None = None,
     ) -> None:
         """``path`` written and synced, and ``then`` applied by the group committer."""
         try:
