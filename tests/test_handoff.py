@@ -80,3 +80,34 @@ def test_the_threads_end_once_nobody_holds_the_workers() -> None:
     for thread in threads:
         thread.join(5)
     assert not any(t.is_alive() for t in threads)
+
+
+def test_posted_jobs_run_on_threads_that_busy_jobs_do_not_block(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A posted job reports to nobody, but it counts: a blocked one gets a new thread
+    beside it, and one that raises is logged rather than lost or killing its thread."""
+    workers = Workers(3, "post")
+    blocked, release, ran = threading.Event(), threading.Event(), threading.Event()
+
+    def hold() -> None:
+        blocked.set()
+        release.wait(5)
+
+    def boom() -> None:
+        raise RuntimeError("posted bug")
+
+    async def scenario() -> None:
+        workers.post(hold)
+        await asyncio.to_thread(blocked.wait, 5)
+        workers.post(boom)
+        workers.post(ran.set)
+        assert await asyncio.to_thread(ran.wait, 5)  # not stuck behind the held job
+        release.set()
+        assert await workers.run(lambda: 7) == 7
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 10))
+    finally:
+        workers.shutdown()
+    assert "a posted job failed" in caplog.text

@@ -306,6 +306,18 @@ def test_recover_moves_garbage_headers_and_bad_state_aside(spool: Spool) -> None
     assert names(spool.root / "corrupt") == sorted([junk, "README", f"{env.queue_id}.json"])
 
 
+def test_recover_deletes_an_empty_queue_file(spool: Spool) -> None:
+    """A process killed between creating a queue file and writing it left it empty:
+    never answered 250 and nothing in it, so it goes, and not to corrupt/."""
+    env = envelope()
+    commit(spool, env)
+    empty = new_queue_id()
+    (spool.root / "queue" / empty).touch()
+    assert Spool(spool.root).recover() == [env]
+    assert names(spool.root / "queue") == [env.queue_id]
+    assert names(spool.root / "corrupt") == []
+
+
 def test_scan_never_modifies_the_spool(spool: Spool) -> None:
     good, _, torn = make_mess(spool)
     before = tree(spool.root)
@@ -672,11 +684,21 @@ def test_recovery_waits_for_a_process_still_holding_the_spool(tmp_path: Path) ->
         child.wait(timeout=10)
 
 
-# --- the committer thread -------------------------------------------------------
+# --- the group committer ---------------------------------------------------------
+
+
+def _settled(op: groupcommit.Op) -> threading.Event:
+    event = threading.Event()
+    op.done = event.set
+    return event
 
 
 def test_committer_batches_what_arrives_during_a_sync(tmp_path: Path) -> None:
-    """Ops queued while one batch's fsync runs form the next batch: one fsync for them all."""
+    """Ops queued while one batch's fsync runs form the next batch: one fsync for them all.
+
+    The thread that leads does the work; a writer joining meanwhile is free
+    at once, and an op from the loop (submit) waits for no thread either.
+    """
     committer = groupcommit.GroupCommitter()
     started, release = threading.Event(), threading.Event()
 
@@ -686,19 +708,38 @@ def test_committer_batches_what_arrives_during_a_sync(tmp_path: Path) -> None:
         return True
 
     first = groupcommit.Op(apply=slow_first, dirs=(str(tmp_path),))
-    waiter = threading.Thread(target=committer.wait, args=(first,))
-    waiter.start()
+    first_done = _settled(first)
+    leader = threading.Thread(target=committer.join, args=(first,))
+    leader.start()
     assert started.wait(10)
     later = [groupcommit.Op(apply=lambda: True, dirs=(str(tmp_path),)) for _ in range(10)]
-    done = [threading.Event() for _ in later]
-    for op, event in zip(later, done, strict=True):
-        op.done = event.set
+    done = [_settled(op) for op in later]
+    for op in later[:5]:
         committer.submit(op)
+    joiners = [threading.Thread(target=committer.join, args=(op,)) for op in later[5:]]
+    for joiner in joiners:
+        joiner.start()
+    for joiner in joiners:
+        joiner.join(10)
+        assert not joiner.is_alive()  # left its op to the leader
+    assert not any(event.is_set() for event in done)  # nothing durable before the fsync
     release.set()
-    waiter.join(10)
-    assert all(event.wait(10) for event in done)
+    leader.join(10)
+    assert first_done.wait(10) and all(event.wait(10) for event in done)
     assert committer.batches == 2 and committer.dir_syncs == 2
-    assert all(op.outcome() is True for op in later)
+    assert all(op.outcome() is True for op in [first, *later])
+    committer.close()
+
+
+def test_committer_thread_leads_what_the_loop_submits(tmp_path: Path) -> None:
+    """submit() never blocks its caller: with nobody leading, the committer's own thread does."""
+    committer = groupcommit.GroupCommitter()
+    ops = [groupcommit.Op(apply=lambda: True, dirs=(str(tmp_path),)) for _ in range(3)]
+    for op in ops:
+        event = _settled(op)
+        committer.submit(op)
+        assert event.wait(10) and op.outcome() is True
+    assert committer.dir_syncs == 3
     committer.close()
 
 
@@ -709,7 +750,14 @@ def test_committer_hands_a_crash_to_every_waiter_of_the_batch(tmp_path: Path) ->
     def boom() -> bool:
         raise RuntimeError("bug")
 
+    broken = groupcommit.Op(apply=boom, dirs=(str(tmp_path),))
+    event = _settled(broken)
+    committer.join(broken)
+    assert event.wait(10)
     with pytest.raises(RuntimeError):
-        committer.wait(groupcommit.Op(apply=boom, dirs=(str(tmp_path),)))
-    assert committer.wait(groupcommit.Op(apply=lambda: True, dirs=(str(tmp_path),))) is True
+        broken.outcome()
+    fine = groupcommit.Op(apply=lambda: True, dirs=(str(tmp_path),))
+    event = _settled(fine)
+    committer.join(fine)  # the crash left nobody stuck leading
+    assert event.wait(10) and fine.outcome() is True
     committer.close()

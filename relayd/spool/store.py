@@ -46,7 +46,9 @@ state file without its message, which recovery deletes; the opposite order
 could leave the message with its as-accepted envelope and deliver again to
 recipients already sent.
 
-At start ``recover`` empties tmp/, moves unreadable queue files (bad header,
+At start ``recover`` empties tmp/, deletes empty queue files (a process
+killed between creating one and its first write; never acknowledged),
+moves unreadable queue files (bad header,
 size that does not add up) to corrupt/ with a warning, deletes state files
 whose message is gone, moves an unreadable state file to corrupt/ and falls
 back to the accepted envelope (at least once, never lost), and returns every
@@ -239,31 +241,34 @@ def _write_file(path: str, parts: Sequence[bytes], tail: Tail | None = None) -> 
         raise
 
 
-class _NotCommitted(Exception):
-    """The file was written, but its directory change could not be made durable."""
+class _NotWritten(Exception):
+    """The file could not be written and synced (it is unlinked again)."""
 
-    def __init__(self, error: OSError) -> None:
+    def __init__(self, error: BaseException) -> None:
         super().__init__(error)
         self.error = error
 
 
-def _write_durably(
+def _write_and_join(
     path: str,
     parts: Sequence[bytes],
     tail: Tail | None,
     committer: GroupCommitter,
     then: Op,
 ) -> None:
-    """Write and sync ``path``, then wait for the group committer to make ``then`` durable.
+    """In a writer thread: write and sync ``path``, then hand ``then`` to the group committer.
 
-    One job per message: the writer thread hands the directory change to the
-    committer itself, so the event loop hears once, when it is all done.
+    The thread leads the batch if nobody does and is free otherwise; the
+    event loop hears once, from ``then.done``, when it is all durable (or
+    failed, the error in ``then.error``).
     """
-    _write_file(path, parts, tail)
     try:
-        committer.wait(then)
-    except OSError as e:
-        raise _NotCommitted(e) from e
+        _write_file(path, parts, tail)
+    except BaseException as e:
+        then.error = _NotWritten(e)
+        then.done()
+        return
+    committer.join(then)
 
 
 def _unlink_quiet(path: str) -> None:
@@ -286,6 +291,13 @@ def _remove_files(message: str, state: str) -> bool:
     found = _unlink_if_present(message)
     _unlink_quiet(state)
     return found
+
+
+def _is_empty(path: str) -> bool:
+    try:
+        return os.stat(path).st_size == 0
+    except OSError:
+        return False
 
 
 def _unlink_if_present(path: str) -> bool:
@@ -384,6 +396,13 @@ class Spool:
         return [entries[qid] for qid in sorted(entries)]
 
     def _recover_queue_file(self, name: str) -> Envelope | None:
+        path = os.path.join(self._queue, name)
+        if is_queue_id(name) and _is_empty(path):
+            # Created, then the process died before its first write: never
+            # answered 250 (that needs the whole file synced), and nothing to keep.
+            log.info("%s: removing empty queue file (its write was interrupted)", name)
+            _unlink_quiet(path)
+            return None
         try:
             if not is_queue_id(name):
                 raise CorruptEntry("file name is not a queue id")
@@ -632,12 +651,16 @@ class Spool:
         tail: Tail | None = None,
     ) -> None:
         """``path`` written and synced, and ``then`` applied by the group committer."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+        then.done = functools.partial(_tell_loop, loop, future, then)
+        self._writers_pool().post(_write_and_join, path, parts, tail, self._committer, then)
         try:
-            await self._writers_pool().run(_write_durably, path, parts, tail, self._committer, then)
-        except _NotCommitted as e:
-            raise SpoolError(f"{qid}: cannot commit to the spool: {_why(e.error)}") from e.error
+            await future
+        except _NotWritten as e:
+            raise SpoolError(f"{qid}: cannot write to the spool: {_why(e.error)}") from e.error
         except OSError as e:
-            raise SpoolError(f"{qid}: cannot write to the spool: {_why(e)}") from e
+            raise SpoolError(f"{qid}: cannot commit to the spool: {_why(e)}") from e
         self.stats.file_syncs += 1
 
     async def _batched(self, op: Op, qid: str, what: str) -> bool:
@@ -669,8 +692,8 @@ class Spool:
             log.warning("%s: could not remove: %s", qid, e)
 
 
-def _why(error: OSError) -> str:
-    return error.strerror or str(error)
+def _why(error: BaseException) -> str:
+    return (error.strerror if isinstance(error, OSError) else None) or str(error)
 
 
 def _tell_loop(loop: asyncio.AbstractEventLoop, future: asyncio.Future[bool], op: Op) -> None:
