@@ -761,3 +761,61 @@ def test_committer_hands_a_crash_to_every_waiter_of_the_batch(tmp_path: Path) ->
     committer.join(fine)  # the crash left nobody stuck leading
     assert event.wait(10) and fine.outcome() is True
     committer.close()
+
+
+def test_committer_undoes_what_a_crashed_batch_applied(tmp_path: Path) -> None:
+    """A bug in one op fails its whole batch, and the ops applied before it are undone:
+    a client told 451 must not find its message delivered."""
+    committer = groupcommit.GroupCommitter()
+    started, release = threading.Event(), threading.Event()
+
+    def slow_first() -> bool:
+        started.set()
+        release.wait(10)
+        return True
+
+    def boom() -> bool:
+        raise RuntimeError("bug")
+
+    undone = threading.Event()
+    first = groupcommit.Op(apply=slow_first, dirs=(str(tmp_path),))
+    applied = groupcommit.Op(apply=lambda: True, dirs=(str(tmp_path),), undo=undone.set)
+    broken = groupcommit.Op(apply=boom, dirs=(str(tmp_path),))
+    events = [_settled(op) for op in (first, applied, broken)]
+    leader = threading.Thread(target=committer.join, args=(first,))
+    leader.start()
+    assert started.wait(10)
+    committer.join(applied)  # both wait for the next batch, together
+    committer.join(broken)
+    release.set()
+    leader.join(10)
+    assert all(event.wait(10) for event in events)
+    assert first.outcome() is True
+    for op in (applied, broken):
+        with pytest.raises(RuntimeError):
+            op.outcome()
+    assert undone.is_set()
+    committer.close()
+
+
+def test_committer_thread_that_cannot_start_leaves_nobody_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No thread for submit(): the caller hears it, and the op is led by the next joiner."""
+    committer = groupcommit.GroupCommitter()
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    op = groupcommit.Op(apply=lambda: True, dirs=(str(tmp_path),))
+    event = _settled(op)
+    with monkeypatch.context() as patch:
+        patch.setattr(threading.Thread, "start", refuse)
+        with pytest.raises(RuntimeError):
+            committer.submit(op)
+    later = groupcommit.Op(apply=lambda: True, dirs=(str(tmp_path),))
+    later_event = _settled(later)
+    committer.join(later)
+    assert event.wait(10) and later_event.wait(10)
+    assert op.outcome() is True and later.outcome() is True
+    committer.close()

@@ -12,7 +12,9 @@ whose function reports by itself.
 
 Semantics are run_in_executor's: the call runs even if its awaiter is
 cancelled (the spool relies on that: a commit in flight is finished and
-then undone, never half done), and its exception reaches the awaiter; the
+then undone, never half done), and its exception reaches the awaiter (a
+posted job has none: its function must report, and what escapes it is
+logged); the
 threads end once their owner is garbage-collected, as a
 ThreadPoolExecutor's do. relayd.workers.Pool stays the pool for work that
 sessions hand off under hostile load (its queue is bounded); the spool's
@@ -43,7 +45,8 @@ class Workers:
     """Up to ``size`` threads, started as jobs need them, kept until ``shutdown``.
 
     Jobs in flight are counted on the loop's side only (at submit and when
-    the outcome is settled there), so no lock is taken on either side.
+    the outcome is settled there), without a lock; posted jobs end in
+    their thread, so they are counted apart, under a lock both sides take.
     """
 
     def __init__(self, size: int, name: str) -> None:
@@ -77,8 +80,13 @@ class Workers:
         """
         with self._posted_lock:
             self._posted += 1
-        if self._in_flight + self._posted > len(self._threads) and len(self._threads) < self._size:
-            self._start_thread()
+        try:
+            busy = self._in_flight + self._posted
+            if busy > len(self._threads) and len(self._threads) < self._size:
+                self._start_thread()
+        except BaseException:
+            self.posted_done()
+            raise
         self._jobs.put((None, None, fn, args))
 
     def posted_done(self) -> None:

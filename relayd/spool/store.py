@@ -357,7 +357,8 @@ class Spool:
         it exclusive for ``recover`` and then shares it. Queue files are
         written under their final name, so recovery must not run while an
         acceptor of an earlier daemon may still be committing one: it would
-        move the unfinished file to corrupt/ after that acceptor's 250.
+        move the unfinished file to corrupt/ (or delete it, still empty), and
+        that acceptor would then answer 250 for it.
         """
         if self._lock_fd is None:
             self.ensure()
@@ -654,12 +655,12 @@ class Spool:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bool] = loop.create_future()
         then.done = functools.partial(_tell_loop, loop, future, then)
-        self._writers_pool().post(_write_and_join, path, parts, tail, self._committer, then)
         try:
+            self._writers_pool().post(_write_and_join, path, parts, tail, self._committer, then)
             await future
         except _NotWritten as e:
             raise SpoolError(f"{qid}: cannot write to the spool: {_why(e.error)}") from e.error
-        except OSError as e:
+        except Exception as e:  # the directory fsync, or a bug: answered 451 all the same
             raise SpoolError(f"{qid}: cannot commit to the spool: {_why(e)}") from e
         self.stats.file_syncs += 1
 
@@ -697,7 +698,10 @@ def _why(error: BaseException) -> str:
 
 
 def _tell_loop(loop: asyncio.AbstractEventLoop, future: asyncio.Future[bool], op: Op) -> None:
-    """In the committer thread: settle ``future`` on its loop (if that loop still runs)."""
+    """In whichever thread ran the batch (or failed the write): settle ``future`` on its loop.
+
+    Nothing happens if that loop has closed meanwhile.
+    """
     with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
         loop.call_soon_threadsafe(_settle, future, op)
 
