@@ -8,6 +8,7 @@ process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -693,13 +694,10 @@ def _settled(op: groupcommit.Op) -> threading.Event:
     return event
 
 
-def test_committer_batches_what_arrives_during_a_sync(tmp_path: Path) -> None:
-    """Ops queued while one batch's fsync runs form the next batch: one fsync for them all.
-
-    The thread that leads does the work; a writer joining meanwhile is free
-    at once, and an op from the loop (submit) waits for no thread either.
-    """
-    committer = groupcommit.GroupCommitter()
+@contextlib.contextmanager
+def _leader_busy(committer: groupcommit.GroupCommitter, tmp_path: Path) -> Iterator[groupcommit.Op]:
+    """A thread leads a batch whose one op is held until the block ends: whatever
+    is queued meanwhile forms the next batch."""
     started, release = threading.Event(), threading.Event()
 
     def slow_first() -> bool:
@@ -708,26 +706,40 @@ def test_committer_batches_what_arrives_during_a_sync(tmp_path: Path) -> None:
         return True
 
     first = groupcommit.Op(apply=slow_first, dirs=(str(tmp_path),))
-    first_done = _settled(first)
+    done = _settled(first)
     leader = threading.Thread(target=committer.join, args=(first,))
     leader.start()
     assert started.wait(10)
+    try:
+        yield first
+    finally:
+        release.set()
+        leader.join(10)
+    assert done.wait(10) and first.outcome() is True
+
+
+def test_committer_batches_what_arrives_during_a_sync(tmp_path: Path) -> None:
+    """Ops queued while one batch's fsync runs form the next batch: one fsync for them all.
+
+    The thread that leads does the work; a writer joining meanwhile is free
+    at once, and an op from the loop (submit) waits for no thread either.
+    """
+    committer = groupcommit.GroupCommitter()
     later = [groupcommit.Op(apply=lambda: True, dirs=(str(tmp_path),)) for _ in range(10)]
     done = [_settled(op) for op in later]
-    for op in later[:5]:
-        committer.submit(op)
-    joiners = [threading.Thread(target=committer.join, args=(op,)) for op in later[5:]]
-    for joiner in joiners:
-        joiner.start()
-    for joiner in joiners:
-        joiner.join(10)
-        assert not joiner.is_alive()  # left its op to the leader
-    assert not any(event.is_set() for event in done)  # nothing durable before the fsync
-    release.set()
-    leader.join(10)
-    assert first_done.wait(10) and all(event.wait(10) for event in done)
+    with _leader_busy(committer, tmp_path):
+        for op in later[:5]:
+            committer.submit(op)
+        joiners = [threading.Thread(target=committer.join, args=(op,)) for op in later[5:]]
+        for joiner in joiners:
+            joiner.start()
+        for joiner in joiners:
+            joiner.join(10)
+            assert not joiner.is_alive()  # left its op to the leader
+        assert not any(event.is_set() for event in done)  # nothing durable before the fsync
+    assert all(event.wait(10) for event in done)
     assert committer.batches == 2 and committer.dir_syncs == 2
-    assert all(op.outcome() is True for op in [first, *later])
+    assert all(op.outcome() is True for op in later)
     committer.close()
 
 
@@ -767,30 +779,18 @@ def test_committer_undoes_what_a_crashed_batch_applied(tmp_path: Path) -> None:
     """A bug in one op fails its whole batch, and the ops applied before it are undone:
     a client told 451 must not find its message delivered."""
     committer = groupcommit.GroupCommitter()
-    started, release = threading.Event(), threading.Event()
-
-    def slow_first() -> bool:
-        started.set()
-        release.wait(10)
-        return True
 
     def boom() -> bool:
         raise RuntimeError("bug")
 
     undone = threading.Event()
-    first = groupcommit.Op(apply=slow_first, dirs=(str(tmp_path),))
     applied = groupcommit.Op(apply=lambda: True, dirs=(str(tmp_path),), undo=undone.set)
     broken = groupcommit.Op(apply=boom, dirs=(str(tmp_path),))
-    events = [_settled(op) for op in (first, applied, broken)]
-    leader = threading.Thread(target=committer.join, args=(first,))
-    leader.start()
-    assert started.wait(10)
-    committer.join(applied)  # both wait for the next batch, together
-    committer.join(broken)
-    release.set()
-    leader.join(10)
+    events = [_settled(op) for op in (applied, broken)]
+    with _leader_busy(committer, tmp_path):
+        committer.join(applied)  # both wait for the next batch, together
+        committer.join(broken)
     assert all(event.wait(10) for event in events)
-    assert first.outcome() is True
     for op in (applied, broken):
         with pytest.raises(RuntimeError):
             op.outcome()
