@@ -819,3 +819,21 @@ def test_committer_thread_that_cannot_start_leaves_nobody_waiting(
     assert event.wait(10) and later_event.wait(10)
     assert op.outcome() is True and later.outcome() is True
     committer.close()
+
+
+def test_a_commit_whose_hand_over_breaks_is_refused_not_left_waiting(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug between the file's sync and the group commit reaches the session as
+    SpoolError (451) within the test's deadline, and a removal's as SpoolError too."""
+
+    def broken(self: groupcommit.GroupCommitter, op: groupcommit.Op) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(groupcommit.GroupCommitter, "join", broken)
+    with pytest.raises(SpoolError, match="bug"):
+        asyncio.run(asyncio.wait_for(spool.commit(envelope(), MESSAGE), 10))
+    monkeypatch.setattr(groupcommit.GroupCommitter, "submit", broken)
+    (spool.root / "queue" / (qid := new_queue_id())).write_bytes(b"x")
+    with pytest.raises(SpoolError, match="bug"):
+        asyncio.run(asyncio.wait_for(spool.remove(qid), 10))

@@ -119,7 +119,7 @@ def parse_reply(lines: Sequence[str], parsed: Sequence[ReplyLine] | None = None)
         raise MalformedReply("empty reply")
     if len(lines) > MAX_LINES:
         raise MalformedReply("reply has too many lines")
-    if parsed is None or len(parsed) != len(lines):
+    if parsed is None:
         parsed = [parse_line(x) for x in lines]
     code = parsed[0].code
     if any(p.code != code for p in parsed):

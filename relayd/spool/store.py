@@ -268,7 +268,12 @@ def _write_and_join(
         then.error = _NotWritten(e)
         then.done()
         return
-    committer.join(then)
+    try:
+        committer.join(then)
+    except BaseException as e:  # a bug: the awaiter must not wait for ever (a second
+        then.error = then.error or e  # settling, should the op be led after all, is ignored)
+        then.done()
+        raise
 
 
 def _unlink_quiet(path: str) -> None:
@@ -617,7 +622,13 @@ class Spool:
             ),
             dirs=(),
         )
-        if not await self._batched(op, queue_id, "remove from"):
+        settled = _settled_on_loop(op)
+        try:
+            self._committer.submit(op)
+            found = await settled
+        except Exception as e:  # the unlink, or a bug: the scheduler keeps the message
+            raise SpoolError(f"{queue_id}: cannot remove from the spool: {_why(e)}") from e
+        if not found:
             raise KeyError(queue_id)
         self.stats.removes += 1
 
@@ -652,28 +663,15 @@ class Spool:
         tail: Tail | None = None,
     ) -> None:
         """``path`` written and synced, and ``then`` applied by the group committer."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[bool] = loop.create_future()
-        then.done = functools.partial(_tell_loop, loop, future, then)
+        settled = _settled_on_loop(then)
         try:
             self._writers_pool().post(_write_and_join, path, parts, tail, self._committer, then)
-            await future
+            await settled
         except _NotWritten as e:
             raise SpoolError(f"{qid}: cannot write to the spool: {_why(e.error)}") from e.error
         except Exception as e:  # the directory fsync, or a bug: answered 451 all the same
             raise SpoolError(f"{qid}: cannot commit to the spool: {_why(e)}") from e
         self.stats.file_syncs += 1
-
-    async def _batched(self, op: Op, qid: str, what: str) -> bool:
-        """Hand ``op`` to the group committer; True once durable, ``op.changed``."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[bool] = loop.create_future()
-        op.done = functools.partial(_tell_loop, loop, future, op)
-        self._committer.submit(op)
-        try:
-            return await future
-        except OSError as e:
-            raise SpoolError(f"{qid}: cannot {what} the spool: {_why(e)}") from e
 
     def _discard_if_committed(self, qid: str, task: asyncio.Future[None]) -> None:
         if task.cancelled() or task.exception() is not None:
@@ -695,6 +693,14 @@ class Spool:
 
 def _why(error: BaseException) -> str:
     return (error.strerror if isinstance(error, OSError) else None) or str(error)
+
+
+def _settled_on_loop(op: Op) -> asyncio.Future[bool]:
+    """A future of the running loop that ``op``'s settling, in whatever thread, resolves."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[bool] = loop.create_future()
+    op.done = functools.partial(_tell_loop, loop, future, op)
+    return future
 
 
 def _tell_loop(loop: asyncio.AbstractEventLoop, future: asyncio.Future[bool], op: Op) -> None:
